@@ -1,0 +1,433 @@
+"""Server side of one NBD connection, as a sans-IO state machine.
+
+Rules of this module:
+
+* It never touches a socket, a clock, a thread or a logger. Bytes come in
+  through ``receive_data``; ``next_event`` turns them into events; the bytes to
+  write come out of ``data_to_send`` (handshake and error replies the machine
+  produced itself) and ``send`` (replies to requests the caller handled).
+* The handshake is fixed newstyle (``proto.md``, "Fixed newstyle
+  negotiation"). Options are answered here from the export table; the caller
+  only learns which export was chosen.
+* Every request is validated before the caller sees it. A bad request gets an
+  error reply and the connection stays usable; only broken framing (a wrong
+  magic, an impossible handshake flag) raises ``RemoteProtocolError``.
+* Every buffer is capped: options at ``MAX_OPTION_LENGTH``, payloads at
+  ``MAX_PAYLOAD``. Longer payloads are skipped as they arrive, never stored.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from blockcrypt.nbd._constants import (
+    IHAVEOPT,
+    MAX_OPTION_LENGTH,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Option,
+    OptionReply,
+    TransmissionFlag,
+)
+from blockcrypt.nbd._events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Disconnect,
+    Event,
+    Export,
+    ExportChosen,
+    OptionRefused,
+    Reply,
+    Request,
+    RequestRejected,
+    _NeedData,
+)
+from blockcrypt.nbd.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = ["NBDServerConnection", "Phase"]
+
+_OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
+_OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+_SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+_SERVER_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+
+
+class Phase(enum.Enum):
+    GREETING = "greeting"  # greeting sent, waiting for the client's flags
+    OPTIONS = "options"  # option haggling
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"  # soft or hard disconnect; nothing more is parsed
+    ERROR = "error"  # the peer broke the framing
+
+
+# Legal moves between phases. Anything else is a bug in this module.
+_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.GREETING: frozenset({Phase.OPTIONS, Phase.CLOSED, Phase.ERROR}),
+    Phase.OPTIONS: frozenset({Phase.TRANSMISSION, Phase.CLOSED, Phase.ERROR}),
+    Phase.TRANSMISSION: frozenset({Phase.CLOSED, Phase.ERROR}),
+    Phase.CLOSED: frozenset(),
+    Phase.ERROR: frozenset(),
+}
+
+# Flags each command accepts (besides those the export must also advertise).
+_ALLOWED_FLAGS: dict[Command, CommandFlag] = {
+    Command.READ: CommandFlag.FUA,
+    Command.WRITE: CommandFlag.FUA,
+    Command.FLUSH: CommandFlag(0),
+    Command.TRIM: CommandFlag.FUA,
+    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+}
+_WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+# What each command needs the export to advertise.
+_NEEDS_FLAG: dict[Command, TransmissionFlag] = {
+    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Command.TRIM: TransmissionFlag.SEND_TRIM,
+    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+}
+# Error for a range past the end: writes say "no space", the rest "invalid".
+_PAST_END_ERROR: dict[Command, Errno] = {
+    Command.WRITE: Errno.ENOSPC,
+    Command.WRITE_ZEROES: Errno.ENOSPC,
+}
+
+
+class NBDServerConnection:
+    """One client connection, from greeting to disconnect.
+
+    Args:
+        exports: the exports on offer. The first one is the default export,
+            chosen when a client asks for the empty name.
+    """
+
+    def __init__(self, exports: list[Export]) -> None:
+        if not exports:
+            raise LocalProtocolError("a server needs at least one export")
+        self._exports = {e.name: e for e in exports}
+        self._default = exports[0]
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._phase = Phase.GREETING
+        self._eof = False
+        self._no_zeroes = False
+        self._fixed = False
+        self._skip = 0  # payload bytes still to discard
+        self._after_skip: Event | None = None
+        self.export: Export | None = None
+        self._out += struct.pack(">QQH", NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)
+
+    # -- public surface -----------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the client; empty input means it hung up."""
+        if not data:
+            self._eof = True
+        else:
+            self._buf += data
+
+    def next_event(self) -> Event | _NeedData:
+        """Return the next event, or ``NEED_DATA`` when more bytes are needed.
+
+        Raises:
+            RemoteProtocolError: the client broke the framing; close the
+                connection after writing ``data_to_send()``.
+        """
+        if self._phase is Phase.ERROR:
+            raise RemoteProtocolError("connection already failed")
+        try:
+            event = self._parse()
+        except RemoteProtocolError:
+            self._move(Phase.ERROR)
+            raise
+        if event is NEED_DATA and self._eof and self._phase is not Phase.CLOSED:
+            self._move(Phase.CLOSED)
+            return ConnectionClosed()
+        return event
+
+    def data_to_send(self) -> bytes:
+        """Return and forget the bytes the machine queued for the client."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def send(self, reply: Reply) -> bytes:
+        """Encode a reply to a request this connection handed out."""
+        if self._phase not in (Phase.TRANSMISSION, Phase.CLOSED):
+            raise LocalProtocolError(f"cannot send a reply in phase {self._phase}")
+        header = _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, reply.error, reply.cookie)
+        if reply.error or not reply.data:
+            return header
+        return header + bytes(reply.data)
+
+    @staticmethod
+    def reply_header(cookie: int, error: Errno = Errno.OK) -> bytes:
+        """Return the 16-byte simple reply header (write the READ data after it)."""
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+    # -- phase handling ------------------------------------------------------
+
+    def _move(self, phase: Phase) -> None:
+        if phase not in _TRANSITIONS[self._phase]:
+            raise LocalProtocolError(f"illegal move {self._phase} -> {phase}")
+        self._phase = phase
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._buf) < n:
+            return None
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        return chunk
+
+    def _parse(self) -> Event | _NeedData:
+        if self._skip:
+            return self._discard()
+        if self._phase is Phase.GREETING:
+            return self._parse_client_flags()
+        if self._phase is Phase.OPTIONS:
+            return self._parse_option()
+        if self._phase is Phase.TRANSMISSION:
+            return self._parse_request()
+        return NEED_DATA
+
+    def _discard(self) -> Event | _NeedData:
+        n = min(self._skip, len(self._buf))
+        del self._buf[:n]
+        self._skip -= n
+        if self._skip:
+            return NEED_DATA
+        event, self._after_skip = self._after_skip, None
+        return event if event is not None else self._parse()
+
+    def _parse_client_flags(self) -> Event | _NeedData:
+        raw = self._take(4)
+        if raw is None:
+            return NEED_DATA
+        (flags,) = struct.unpack(">I", raw)
+        known = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+        if flags & ~known:
+            raise RemoteProtocolError(f"unknown client flags {flags:#x}")
+        self._fixed = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
+        self._no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self._move(Phase.OPTIONS)
+        return self._parse()
+
+    # -- options --------------------------------------------------------------
+
+    def _parse_option(self) -> Event | _NeedData:
+        if len(self._buf) < _OPTION_HEADER.size:
+            return NEED_DATA
+        magic, option, length = _OPTION_HEADER.unpack_from(self._buf)
+        if magic != IHAVEOPT:
+            raise RemoteProtocolError(f"bad option magic {magic:#x}")
+        if length > MAX_OPTION_LENGTH:
+            del self._buf[: _OPTION_HEADER.size]
+            self._skip = length
+            self._after_skip = self._refuse(
+                option, OptionReply.ERR_TOO_BIG, f"option is {length} bytes long"
+            )
+            return self._discard()
+        if len(self._buf) < _OPTION_HEADER.size + length:
+            return NEED_DATA
+        del self._buf[: _OPTION_HEADER.size]
+        payload = self._take(length)
+        assert payload is not None
+        return self._handle_option(option, payload)
+
+    def _handle_option(self, option: int, payload: bytes) -> Event | _NeedData:
+        if option == Option.EXPORT_NAME:
+            return self._opt_export_name(payload)
+        if option == Option.ABORT:
+            self._option_reply(option, OptionReply.ACK)
+            self._move(Phase.CLOSED)
+            return Disconnect()
+        if not self._fixed:
+            # A client without fixed newstyle cannot parse error replies.
+            raise RemoteProtocolError(
+                f"option {option} from a client without fixed newstyle"
+            )
+        if option == Option.LIST:
+            return self._opt_list(payload)
+        if option in (Option.INFO, Option.GO):
+            return self._opt_info_go(option, payload)
+        return self._refuse(option, OptionReply.ERR_UNSUP, "option not supported")
+
+    def _option_reply(self, option: int, reply: int, payload: bytes = b"") -> None:
+        self._out += _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
+        self._out += payload
+
+    def _refuse(self, option: int, reply: OptionReply, reason: str) -> OptionRefused:
+        self._option_reply(option, reply, reason.encode())
+        return OptionRefused(option=option, reply=reply, reason=reason)
+
+    def _find_export(self, name: str) -> Export | None:
+        if name == "":
+            return self._default
+        return self._exports.get(name)
+
+    def _opt_export_name(self, payload: bytes) -> Event | _NeedData:
+        try:
+            name = payload.decode()
+        except UnicodeDecodeError:
+            name = None
+        export = self._find_export(name) if name is not None else None
+        if export is None:
+            # EXPORT_NAME has no error reply: the only answer is to hang up.
+            self._move(Phase.CLOSED)
+            return Disconnect()
+        self._out += struct.pack(">QH", export.size, export.flags)
+        if not self._no_zeroes:
+            self._out += bytes(124)
+        return self._start_transmission(export)
+
+    def _opt_list(self, payload: bytes) -> Event | _NeedData:
+        if payload:
+            return self._refuse(Option.LIST, OptionReply.ERR_INVALID, "LIST has data")
+        for export in self._exports.values():
+            name = export.name.encode()
+            self._option_reply(
+                Option.LIST, OptionReply.SERVER, struct.pack(">I", len(name)) + name
+            )
+        self._option_reply(Option.LIST, OptionReply.ACK)
+        return self._parse()
+
+    def _opt_info_go(self, option: int, payload: bytes) -> Event | _NeedData:
+        parsed = _parse_info_request(payload)
+        if isinstance(parsed, str):
+            return self._refuse(option, OptionReply.ERR_INVALID, parsed)
+        name, requests = parsed
+        export = self._find_export(name)
+        if export is None:
+            return self._refuse(option, OptionReply.ERR_UNKNOWN, "no such export")
+
+        info = struct.pack(">HQH", Info.EXPORT, export.size, export.flags)
+        self._option_reply(option, OptionReply.INFO, info)
+        if Info.NAME in requests:
+            self._option_reply(
+                option, OptionReply.INFO, struct.pack(">H", Info.NAME) + name.encode()
+            )
+        if Info.DESCRIPTION in requests and export.description:
+            desc = struct.pack(">H", Info.DESCRIPTION) + export.description.encode()
+            self._option_reply(option, OptionReply.INFO, desc)
+        if Info.BLOCK_SIZE in requests:
+            sizes = struct.pack(
+                ">HIII",
+                Info.BLOCK_SIZE,
+                export.min_block,
+                export.preferred_block,
+                export.max_block,
+            )
+            self._option_reply(option, OptionReply.INFO, sizes)
+        self._option_reply(option, OptionReply.ACK)
+        if option == Option.GO:
+            return self._start_transmission(export)
+        return self._parse()
+
+    def _start_transmission(self, export: Export) -> ExportChosen:
+        self.export = export
+        self._move(Phase.TRANSMISSION)
+        return ExportChosen(export)
+
+    # -- transmission ---------------------------------------------------------
+
+    def _parse_request(self) -> Event | _NeedData:
+        if len(self._buf) < _REQUEST.size:
+            return NEED_DATA
+        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._buf)
+        if magic != REQUEST_MAGIC:
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+        has_payload = kind == Command.WRITE
+        if has_payload and length > MAX_PAYLOAD:
+            # Too big to buffer: skip the payload as it streams in, then refuse.
+            del self._buf[: _REQUEST.size]
+            self._skip = length
+            self._after_skip = self._reject(
+                kind, cookie, offset, length, Errno.EINVAL,
+                f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum",
+            )  # fmt: skip
+            return self._discard()
+        if has_payload and len(self._buf) < _REQUEST.size + length:
+            return NEED_DATA
+        del self._buf[: _REQUEST.size]
+        data = self._take(length) if has_payload else None
+
+        if kind == Command.DISC:
+            self._move(Phase.CLOSED)
+            return Disconnect()
+        problem = self._validate(kind, flags, offset, length)
+        if problem is not None:
+            return self._reject(kind, cookie, offset, length, *problem)
+        return Request(Command(kind), CommandFlag(flags), cookie, offset, length, data)
+
+    def _validate(
+        self, kind: int, flags: int, offset: int, length: int
+    ) -> tuple[Errno, str] | None:
+        export = self.export
+        assert export is not None
+        try:
+            command = Command(kind)
+        except ValueError:
+            return Errno.EINVAL, f"unknown command type {kind}"
+        if command not in _ALLOWED_FLAGS:
+            return Errno.EINVAL, f"command {command.name} is not supported"
+        # Plain ints: the complement of an IntFlag keeps only defined bits.
+        allowed = int(_ALLOWED_FLAGS[command])
+        if not export.flags & TransmissionFlag.SEND_FAST_ZERO:
+            allowed &= ~int(CommandFlag.FAST_ZERO)
+        if flags & ~allowed:
+            return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
+        needed = _NEEDS_FLAG.get(command)
+        if needed is not None and not export.flags & needed:
+            return Errno.EINVAL, f"{command.name} was not advertised"
+        if command in _WRITING and export.flags & TransmissionFlag.READ_ONLY:
+            return Errno.EPERM, "export is read-only"
+        if command is Command.FLUSH:
+            if offset or length:
+                return Errno.EINVAL, "FLUSH must have offset and length 0"
+            return None
+        if length == 0:
+            return Errno.EINVAL, f"{command.name} of length 0"
+        if command is Command.READ and length > MAX_PAYLOAD:
+            return Errno.EINVAL, f"READ of {length} bytes exceeds {MAX_PAYLOAD}"
+        if offset + length > export.size:
+            error = _PAST_END_ERROR.get(command, Errno.EINVAL)
+            return error, f"range {offset}+{length} exceeds size {export.size}"
+        return None
+
+    def _reject(
+        self, kind: int, cookie: int, offset: int, length: int, error: Errno, why: str
+    ) -> RequestRejected:
+        self._out += _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+        return RequestRejected(kind, cookie, offset, length, error, why)
+
+
+def _parse_info_request(payload: bytes) -> tuple[str, set[int]] | str:
+    """Split an INFO/GO payload into (name, info requests), or say what is wrong."""
+    if len(payload) < 6:
+        return f"INFO/GO payload is {len(payload)} bytes; needs at least 6"
+    (name_len,) = struct.unpack_from(">I", payload)
+    if name_len > MAX_STRING or 4 + name_len + 2 > len(payload):
+        return f"export name length {name_len} does not fit the option"
+    try:
+        name = payload[4 : 4 + name_len].decode()
+    except UnicodeDecodeError:
+        return "export name is not UTF-8"
+    (count,) = struct.unpack_from(">H", payload, 4 + name_len)
+    rest = payload[6 + name_len :]
+    if len(rest) != 2 * count:
+        return f"{count} info requests announced, {len(rest)} bytes present"
+    return name, set(struct.unpack(f">{count}H", rest))

@@ -1,0 +1,356 @@
+"""An attached volume: the plaintext view of a LUKS2 data segment.
+
+Rules of this module:
+
+* The DEK is unwrapped once, in ``Volume.attach``, and lives only in this
+  object; ``close`` wipes it.
+* Every method is thread-safe and blocking; the server calls them from worker
+  threads. Writes hold the sectors they touch in a ``RangeLock``, so partial
+  sector read-modify-write never loses a concurrent update.
+* A sector whose ciphertext is all zeros reads as plaintext zeros. That is what
+  a hole in the sparse backing file holds, so a fresh volume reads as zeros
+  and TRIM can punch holes. The chance that real ciphertext is all zeros is
+  2**-4096 per 512-byte sector.
+* Two locks guard the backing file. A shared ``flock``, the lock cryptsetup
+  uses, is held for the whole attachment: cryptsetup can read the header
+  meanwhile, and its header writes wait until the volume is detached. An
+  open-file-description lock (exclusive for read-write, shared for read-only)
+  keeps a second server away.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+from blockcrypt.crypto import SectorCipher, XTSKey
+from blockcrypt.errors import StorageError, VolumeBusy, VolumeFormatError, WrongKey
+from blockcrypt.kms import CMKStore, WrappedKey, encryption_context
+from blockcrypt.volume import luks2
+from blockcrypt.volume._fileops import punch_hole, try_ofd_lock
+from blockcrypt.volume._rangelock import RangeLock
+
+__all__ = ["FORMAT_VERSION", "Volume", "VolumeInfo"]
+
+#: Version of the blockcrypt token layout, bound into the wrap context.
+FORMAT_VERSION = 1
+#: Bytes of zeros written per step when zeroing must really write.
+_ZERO_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeInfo:
+    path: str
+    uuid: str
+    size: int
+    sector_size: int
+    key_id: str
+    read_only: bool
+
+
+class StorageIOError(StorageError):
+    """An I/O error on the backing file, with the errno for the NBD client."""
+
+    def __init__(self, message: str, nbd_errno: int) -> None:
+        super().__init__(message)
+        self.nbd_errno = nbd_errno
+
+
+class Volume:
+    """Plaintext block access to one blockcrypt volume. Use ``Volume.attach``."""
+
+    def __init__(
+        self,
+        path: str,
+        fd: int,
+        lock_fd: int,
+        header: luks2.LUKS2Header,
+        key: XTSKey,
+        read_only: bool,
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.read_only = read_only
+        self.sector_size = header.sector_size
+        self._fd = fd
+        self._lock_fd = lock_fd
+        self._key = key
+        self._cipher = SectorCipher(key, header.sector_size, header.iv_tweak)
+        self._base = header.data_offset
+        self._zero_sector = bytes(self.sector_size)
+        self._locks = RangeLock()
+        file_size = os.fstat(fd).st_size
+        usable = max(file_size - self._base, 0)
+        self.size = usable - usable % self.sector_size
+
+    # -- attach and detach ---------------------------------------------------
+
+    @classmethod
+    def attach(cls, path: str, store: CMKStore, read_only: bool = False) -> Volume:
+        """Open the volume, take its locks and unwrap its DEK through ``store``.
+
+        Raises:
+            VolumeBusy: another server has the volume.
+            VolumeFormatError: not a blockcrypt volume, or an unusable header.
+            UnwrapFailed, KeyNotFound, HSMUnavailable: from the KMS.
+            WrongKey: the unwrapped key does not match the header's digest.
+        """
+        fd, lock_fd = _open_locked(path, read_only)
+        try:
+            header = luks2.read_header(fd)
+            key = _unwrap(path, header, store)
+            try:
+                return cls(path, fd, lock_fd, header, key, read_only)
+            except BaseException:
+                key.wipe()
+                raise
+        except BaseException:
+            os.close(fd)
+            os.close(lock_fd)
+            raise
+
+    def info(self) -> VolumeInfo:
+        token = self.header.token
+        return VolumeInfo(
+            path=self.path,
+            uuid=self.header.uuid,
+            size=self.size,
+            sector_size=self.sector_size,
+            key_id=token.key_id if token else "",
+            read_only=self.read_only,
+        )
+
+    def close(self) -> None:
+        """Flush, wipe the key and release the locks."""
+        if self._fd < 0:
+            return
+        try:
+            if not self.read_only:
+                os.fdatasync(self._fd)
+        finally:
+            self._key.wipe()
+            os.close(self._fd)
+            os.close(self._lock_fd)
+            self._fd = self._lock_fd = -1
+
+    # -- block operations ----------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Return ``length`` plaintext bytes at ``offset``."""
+        first, count = self._span(offset, length)
+        plain = self._read_sectors(first, count)
+        head = offset - first * self.sector_size
+        return plain[head : head + length]
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        """Write plaintext ``data`` at ``offset``; durable on return if ``fua``."""
+        first, count = self._span(offset, len(data))
+        with self._locks.hold(first, first + count):
+            self._write_locked(first, count, offset, data)
+        if fua:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every completed write durable (covers all connections)."""
+        self._io(os.fdatasync, self._fd)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Discard whole sectors inside the range; partial sectors are left alone."""
+        ss = self.sector_size
+        start = -(-offset // ss)
+        end = (offset + length) // ss
+        if end <= start:
+            return
+        with self._locks.hold(start, end):
+            try:
+                punch_hole(self._fd, self._base + start * ss, (end - start) * ss)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise _io_error("trim", exc) from exc
+        if fua:
+            self.flush()
+
+    def write_zeroes(
+        self, offset: int, length: int, no_hole: bool, fast: bool, fua: bool
+    ) -> None:
+        """Make the range read as zeros.
+
+        Whole sectors become holes unless ``no_hole``; then encrypted zeros are
+        written, one chunk at a time, so a 4 GiB request never needs 4 GiB of
+        memory. With ``fast`` the request fails with ENOTSUP instead of
+        writing data.
+        """
+        ss = self.sector_size
+        start = -(-offset // ss)
+        end = (offset + length) // ss
+        if end <= start:  # the range lies inside one or two partial sectors
+            self.pwrite(offset, bytes(length), fua)
+            return
+        if fast and no_hole:
+            raise StorageIOError("zeroing without holes is not fast", errno.ENOTSUP)
+
+        # Head and tail partial sectors, then the whole sectors in between.
+        if offset < start * ss:
+            self.pwrite(offset, bytes(start * ss - offset), False)
+        if offset + length > end * ss:
+            self.pwrite(end * ss, bytes(offset + length - end * ss), False)
+        with self._locks.hold(start, end):
+            self._zero_sectors(start, end, no_hole, fast)
+        if fua:
+            self.flush()
+
+    # -- internals -----------------------------------------------------------
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise StorageIOError(
+                f"range {offset}+{length} is outside the {self.size}-byte volume",
+                errno.EINVAL,
+            )
+        ss = self.sector_size
+        first = offset // ss
+        last = -(-(offset + length) // ss)
+        return first, last - first
+
+    def _read_sectors(self, first: int, count: int) -> bytearray:
+        ss = self.sector_size
+        want = count * ss
+        raw = self._io(os.pread, self._fd, want, self._base + first * ss)
+        if len(raw) < want:  # a short file reads as holes
+            raw += bytes(want - len(raw))
+        out = bytearray(want)
+        view = memoryview(raw)
+        zero = self._zero_sector
+        for i in range(count):
+            chunk = view[i * ss : (i + 1) * ss]
+            if chunk != zero:
+                out[i * ss : (i + 1) * ss] = self._cipher.decrypt(first + i, chunk)
+        return out
+
+    def _write_locked(
+        self, first: int, count: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        ss = self.sector_size
+        head = offset - first * ss
+        if head == 0 and len(data) == count * ss:
+            plain: bytes | bytearray | memoryview = data
+        else:
+            # Read-modify-write: only the partial first and last sectors are read.
+            buf = bytearray(count * ss)
+            if head:
+                buf[:ss] = self._read_sectors(first, 1)
+            tail_end = head + len(data)
+            if tail_end % ss and (count > 1 or not head):
+                buf[(count - 1) * ss :] = self._read_sectors(first + count - 1, 1)
+            buf[head:tail_end] = data
+            plain = buf
+        self._pwrite_all(self._cipher.encrypt(first, plain), self._base + first * ss)
+
+    def _zero_sectors(self, start: int, end: int, no_hole: bool, fast: bool) -> None:
+        ss = self.sector_size
+        if not no_hole:
+            try:
+                punch_hole(self._fd, self._base + start * ss, (end - start) * ss)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise _io_error("write zeroes", exc) from exc
+                if fast:
+                    raise StorageIOError(
+                        "file system cannot punch holes", errno.ENOTSUP
+                    ) from exc
+        step = _ZERO_CHUNK // ss
+        zeros = bytes(step * ss)
+        for sector in range(start, end, step):
+            n = min(step, end - sector)
+            cipher = self._cipher.encrypt(sector, memoryview(zeros)[: n * ss])
+            self._pwrite_all(cipher, self._base + sector * ss)
+
+    def _pwrite_all(self, data: bytes, position: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._io(os.pwrite, self._fd, view, position)
+            view = view[written:]
+            position += written
+
+    @staticmethod
+    def _io(func, *args):  # type: ignore[no-untyped-def]
+        try:
+            return func(*args)
+        except OSError as exc:
+            raise _io_error(func.__name__, exc) from exc
+
+
+def _io_error(what: str, exc: OSError) -> StorageIOError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageIOError(
+            f"{what} failed: the file system holding the volume is full "
+            f"({exc.strerror}); free space or move the volume",
+            errno.ENOSPC,
+        )
+    return StorageIOError(f"{what} failed on the backing file: {exc}", errno.EIO)
+
+
+def _open_locked(path: str, read_only: bool) -> tuple[int, int]:
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise VolumeFormatError(
+            f"{path}: no such file; create a volume with `blockcrypt create`"
+        ) from None
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        lock_fd = os.open(path, flags)
+    except OSError:
+        os.close(fd)
+        raise
+    try:
+        if not try_ofd_lock(lock_fd, exclusive=not read_only):
+            raise VolumeBusy(
+                f"{path} is already served by another blockcrypt process; "
+                "stop that server first (or serve it --read-only from both)"
+            )
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VolumeBusy(
+                f"{path} is locked for writing by another program "
+                "(cryptsetup?); retry when it is done"
+            ) from None
+    except BaseException:
+        os.close(fd)
+        os.close(lock_fd)
+        raise
+    return fd, lock_fd
+
+
+def _unwrap(path: str, header: luks2.LUKS2Header, store: CMKStore) -> XTSKey:
+    token = header.token
+    if token is None:
+        raise VolumeFormatError(
+            f"{path} is a LUKS2 volume but has no '{luks2.TOKEN_TYPE}' token, so "
+            "blockcrypt holds no wrapped key for it; open it with cryptsetup, or "
+            "restore a header backup that has the token"
+        )
+    wrapped = WrappedKey(
+        key_id=token.key_id,
+        key_version=token.key_version,
+        mechanism=token.mechanism,
+        iv=token.iv,
+        ciphertext=token.wrapped_dek,
+    )
+    # The context comes from this header, not from the token, so a token
+    # copied from another volume fails to unwrap.
+    context = encryption_context(header.uuid, FORMAT_VERSION, token.key_id)
+    key = store.decrypt_datakey(wrapped, context)
+    if not luks2.verify_dek(header, key):
+        key.wipe()
+        raise WrongKey(
+            f"{path}: the key unwrapped from the token does not match the volume's "
+            "key digest; the header was altered. Restore a header backup"
+        )
+    return key

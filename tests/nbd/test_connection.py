@@ -1,0 +1,421 @@
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockcrypt.nbd import (
+    MAX_PAYLOAD,
+    NEED_DATA,
+    Command,
+    CommandFlag,
+    ConnectionClosed,
+    Disconnect,
+    Errno,
+    Export,
+    ExportChosen,
+    NBDServerConnection,
+    Option,
+    OptionRefused,
+    OptionReply,
+    Phase,
+    RemoteProtocolError,
+    Reply,
+    Request,
+    RequestRejected,
+    TransmissionFlag,
+)
+from tests.nbd.wire import (
+    CLIENT_FLAGS,
+    go_payload,
+    option,
+    parse_option_replies,
+    parse_simple_reply,
+    request,
+)
+
+SIZE = 1 << 20
+RW_FLAGS = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.SEND_FAST_ZERO
+    | TransmissionFlag.CAN_MULTI_CONN
+)
+EXPORT = Export(name="vol", size=SIZE, flags=RW_FLAGS, description="test volume")
+RO_EXPORT = Export(
+    name="ro",
+    size=SIZE,
+    flags=TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY,
+)
+
+
+def events(conn: NBDServerConnection) -> list[object]:
+    out = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        out.append(event)
+        if isinstance(event, (ConnectionClosed, Disconnect)):
+            break
+    return out
+
+
+def connected(export: Export = EXPORT) -> NBDServerConnection:
+    """A connection already in transmission phase with its output drained."""
+    conn = NBDServerConnection([export])
+    conn.receive_data(CLIENT_FLAGS + option(Option.GO, go_payload(export.name)))
+    assert isinstance(events(conn)[0], ExportChosen)
+    conn.data_to_send()
+    return conn
+
+
+def test_greeting_is_fixed_newstyle_with_no_zeroes() -> None:
+    conn = NBDServerConnection([EXPORT])
+    greeting = conn.data_to_send()
+    assert greeting == b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 3)
+    assert conn.next_event() is NEED_DATA
+
+
+def test_go_replies_info_export_then_ack_and_starts_transmission() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.GO, go_payload("vol", (3, 1, 2))))
+    evs = events(conn)
+    assert evs == [ExportChosen(EXPORT)]
+    assert conn.phase is Phase.TRANSMISSION
+    replies = parse_option_replies(conn.data_to_send())
+    kinds = [(opt, kind) for opt, kind, _ in replies]
+    assert kinds[-1] == (Option.GO, OptionReply.ACK)
+    infos = {struct.unpack_from(">H", p)[0]: p for _, k, p in replies if k == 3}
+    assert infos[0] == struct.pack(">HQH", 0, SIZE, RW_FLAGS)
+    assert infos[3] == struct.pack(">HIII", 3, 1, 4096, 32 << 20)
+    assert infos[1] == struct.pack(">H", 1) + b"vol"
+    assert infos[2] == struct.pack(">H", 2) + b"test volume"
+
+
+def test_go_without_info_requests_sends_only_export_info() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.GO, go_payload("")))
+    assert events(conn) == [ExportChosen(EXPORT)]
+    replies = parse_option_replies(conn.data_to_send())
+    assert [k for _, k, _ in replies] == [OptionReply.INFO, OptionReply.ACK]
+
+
+def test_info_stays_in_negotiation() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.INFO, go_payload("vol", (3,))))
+    assert events(conn) == []
+    assert conn.phase is Phase.OPTIONS
+    kinds = [k for _, k, _ in parse_option_replies(conn.data_to_send())]
+    assert kinds == [OptionReply.INFO, OptionReply.INFO, OptionReply.ACK]
+
+
+def test_go_unknown_export_is_err_unknown_and_negotiation_continues() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(
+        CLIENT_FLAGS
+        + option(Option.GO, go_payload("nope"))
+        + option(Option.GO, go_payload("vol"))
+    )
+    evs = events(conn)
+    assert isinstance(evs[0], OptionRefused)
+    assert evs[0].reply == OptionReply.ERR_UNKNOWN
+    assert evs[1] == ExportChosen(EXPORT)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x00\x00\x00\x09ab\x00\x00", go_payload("vol") + b"\x00", b"\xff" * 6],
+    ids=["empty", "name-overruns", "trailing-byte", "huge-name-length"],
+)
+def test_go_malformed_payload_is_err_invalid(payload: bytes) -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.GO, payload))
+    (ev,) = events(conn)
+    assert isinstance(ev, OptionRefused) and ev.reply == OptionReply.ERR_INVALID
+    assert conn.phase is Phase.OPTIONS
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [Option.STRUCTURED_REPLY, Option.STARTTLS, Option.SET_META_CONTEXT,
+     Option.EXTENDED_HEADERS, 0x07654321],
+)  # fmt: skip
+def test_unsupported_option_is_err_unsup_then_parsing_goes_on(opt: int) -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(
+        CLIENT_FLAGS + option(opt, b"xyz") + option(Option.GO, go_payload(""))
+    )
+    evs = events(conn)
+    assert isinstance(evs[0], OptionRefused) and evs[0].reply == OptionReply.ERR_UNSUP
+    assert evs[1] == ExportChosen(EXPORT)
+    first = parse_option_replies(conn.data_to_send())[0]
+    assert first[:2] == (opt, OptionReply.ERR_UNSUP)
+
+
+def test_oversized_option_is_skipped_and_refused_too_big() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    big = 1 << 20
+    conn.receive_data(CLIENT_FLAGS + struct.pack(">QII", 0x49484156454F5054, 99, big))
+    evs: list[object] = []
+    for _ in range(big // 4096):
+        conn.receive_data(bytes(4096))
+        evs += events(conn)
+        assert len(conn._buf) <= 4096
+    conn.receive_data(option(Option.GO, go_payload("")))
+    evs += events(conn)
+    assert any(
+        isinstance(e, OptionRefused) and e.reply == OptionReply.ERR_TOO_BIG for e in evs
+    )
+    assert evs[-1] == ExportChosen(EXPORT)
+
+
+def test_list_names_every_export_then_ack() -> None:
+    conn = NBDServerConnection([EXPORT, RO_EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.LIST))
+    assert events(conn) == []
+    replies = parse_option_replies(conn.data_to_send())
+    assert [(k, p) for _, k, p in replies] == [
+        (OptionReply.SERVER, b"\x00\x00\x00\x03vol"),
+        (OptionReply.SERVER, b"\x00\x00\x00\x02ro"),
+        (OptionReply.ACK, b""),
+    ]
+
+
+def test_abort_acks_and_disconnects() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.ABORT))
+    assert events(conn) == [Disconnect()]
+    assert parse_option_replies(conn.data_to_send()) == [(2, OptionReply.ACK, b"")]
+    assert conn.phase is Phase.CLOSED
+
+
+@pytest.mark.parametrize("client_flags", [1, 3])
+def test_export_name_pads_124_zeros_unless_no_zeroes(client_flags: int) -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(struct.pack(">I", client_flags) + option(Option.EXPORT_NAME, b"vol"))
+    assert events(conn) == [ExportChosen(EXPORT)]
+    out = conn.data_to_send()
+    expected = struct.pack(">QH", SIZE, RW_FLAGS)
+    assert out == expected + (bytes(124) if client_flags == 1 else b"")
+
+
+def test_export_name_unknown_closes() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.receive_data(CLIENT_FLAGS + option(Option.EXPORT_NAME, b"other"))
+    assert events(conn) == [Disconnect()]
+
+
+def test_unknown_client_flags_break_the_framing() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.receive_data(struct.pack(">I", 0x80))
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.phase is Phase.ERROR
+
+
+def test_bad_option_magic_breaks_the_framing() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.receive_data(CLIENT_FLAGS + b"X" * 16)
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+
+
+def test_read_request_and_reply_encoding() -> None:
+    conn = connected()
+    conn.receive_data(request(Command.READ, 4096, 512, cookie=0xDEADBEEF00000001))
+    (req,) = events(conn)
+    assert req == Request(Command.READ, CommandFlag(0), 0xDEADBEEF00000001, 4096, 512)
+    out = conn.send(Reply(req.cookie, Errno.OK, b"x" * 512))
+    assert parse_simple_reply(out) == (0, 0xDEADBEEF00000001, b"x" * 512)
+
+
+def test_write_carries_its_payload() -> None:
+    conn = connected()
+    conn.receive_data(request(Command.WRITE, 1, 3, flags=1, data=b"abc"))
+    (req,) = events(conn)
+    assert req.data == b"abc" and req.flags == CommandFlag.FUA
+
+
+# (command, flags, offset, length, expected errno)
+BAD_REQUESTS = [
+    (Command.READ, 0, SIZE - 1, 2, Errno.EINVAL),
+    (Command.READ, 0, 0, 0, Errno.EINVAL),
+    (Command.READ, 0, 0, MAX_PAYLOAD + 1, Errno.EINVAL),
+    (Command.READ, 0x80, 0, 1, Errno.EINVAL),
+    (Command.READ, CommandFlag.DF, 0, 1, Errno.EINVAL),
+    (Command.TRIM, 0, SIZE, 1, Errno.EINVAL),
+    (Command.WRITE_ZEROES, 0, SIZE, 4096, Errno.ENOSPC),
+    (Command.WRITE_ZEROES, CommandFlag.DF, 0, 4096, Errno.EINVAL),
+    (Command.FLUSH, 0, 1, 0, Errno.EINVAL),
+    (Command.CACHE, 0, 0, 1, Errno.EINVAL),
+    (Command.BLOCK_STATUS, 0, 0, 1, Errno.EINVAL),
+    (42, 0, 0, 1, Errno.EINVAL),
+]
+
+
+@pytest.mark.parametrize("kind,flags,offset,length,error", BAD_REQUESTS)
+def test_bad_request_gets_error_reply_and_connection_lives(
+    kind: int, flags: int, offset: int, length: int, error: Errno
+) -> None:
+    conn = connected()
+    conn.receive_data(request(kind, offset, length, cookie=7, flags=flags))
+    conn.receive_data(request(Command.READ, 0, 512, cookie=8))
+    evs = events(conn)
+    assert isinstance(evs[0], RequestRejected) and evs[0].error == error
+    assert parse_simple_reply(conn.data_to_send()) == (error, 7, b"")
+    assert isinstance(evs[1], Request) and evs[1].cookie == 8
+
+
+def test_write_past_end_consumes_payload_then_enospc() -> None:
+    conn = connected()
+    conn.receive_data(request(Command.WRITE, SIZE - 2, 4, cookie=5, data=b"abcd"))
+    conn.receive_data(request(Command.FLUSH, cookie=6))
+    evs = events(conn)
+    assert isinstance(evs[0], RequestRejected) and evs[0].error == Errno.ENOSPC
+    assert isinstance(evs[1], Request) and evs[1].command is Command.FLUSH
+
+
+def test_oversized_write_is_skipped_not_buffered() -> None:
+    conn = connected()
+    length = MAX_PAYLOAD + 4096
+    conn.receive_data(request(Command.WRITE, 0, length, cookie=9))
+    chunk = bytes(1 << 20)
+    sent = 0
+    while sent < length:
+        piece = chunk[: min(len(chunk), length - sent)]
+        conn.receive_data(piece)
+        sent += len(piece)
+        ev = conn.next_event()
+        if sent < length:
+            assert ev is NEED_DATA
+            assert len(conn._buf) <= len(chunk)
+    assert isinstance(ev, RequestRejected) and ev.error == Errno.EINVAL
+    conn.receive_data(request(Command.READ, 0, 1, cookie=10))
+    assert isinstance(conn.next_event(), Request)
+
+
+def test_read_only_export_refuses_writes_with_eperm() -> None:
+    conn = connected(RO_EXPORT)
+    conn.receive_data(request(Command.WRITE, 0, 2, cookie=3, data=b"hi"))
+    (ev,) = events(conn)
+    assert isinstance(ev, RequestRejected) and ev.error == Errno.EPERM
+
+
+def test_fast_zero_refused_when_not_advertised() -> None:
+    flags = RW_FLAGS & ~TransmissionFlag.SEND_FAST_ZERO
+    conn = connected(Export(name="v", size=SIZE, flags=flags))
+    conn.receive_data(request(Command.WRITE_ZEROES, 0, 512, flags=CommandFlag.FAST_ZERO))
+    (ev,) = events(conn)
+    assert isinstance(ev, RequestRejected) and ev.error == Errno.EINVAL
+
+
+def test_trim_up_to_4gib_is_one_request_without_payload() -> None:
+    big = Export(name="big", size=8 << 30, flags=RW_FLAGS)
+    conn = connected(big)
+    conn.receive_data(request(Command.TRIM, 0, 0xFFFFF000))
+    (ev,) = events(conn)
+    assert isinstance(ev, Request) and ev.length == 0xFFFFF000 and ev.data is None
+
+
+def test_disc_ends_transmission() -> None:
+    conn = connected()
+    conn.receive_data(request(Command.DISC) + request(Command.READ, 0, 1))
+    assert events(conn) == [Disconnect()]
+    assert conn.phase is Phase.CLOSED
+    assert conn.next_event() is NEED_DATA
+
+
+def test_bad_request_magic_breaks_the_framing() -> None:
+    conn = connected()
+    conn.receive_data(b"\x00" * 28)
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+
+
+def test_eof_gives_connection_closed() -> None:
+    conn = connected()
+    conn.receive_data(b"")
+    assert conn.next_event() == ConnectionClosed()
+
+
+# -- invariants ----------------------------------------------------------------
+
+SESSION = (
+    CLIENT_FLAGS
+    + option(Option.STRUCTURED_REPLY)
+    + option(Option.LIST)
+    + option(Option.INFO, go_payload("vol", (3,)))
+    + option(77, b"junk")
+    + option(Option.GO, go_payload("vol", (3, 1)))
+    + request(Command.WRITE, 10, 5, cookie=1, data=b"hello")
+    + request(Command.READ, 0, 100, cookie=2)
+    + request(Command.READ, SIZE, 1, cookie=3)
+    + request(99, 0, 1, cookie=4)
+    + request(Command.WRITE, SIZE, 3, cookie=5, data=b"xyz")
+    + request(Command.WRITE_ZEROES, 0, 8192, cookie=6, flags=CommandFlag.NO_HOLE)
+    + request(Command.FLUSH, cookie=7)
+    + request(Command.DISC)
+)
+
+
+def run_chunks(chunks: list[bytes]) -> tuple[list[object], bytes]:
+    conn = NBDServerConnection([EXPORT])
+    evs: list[object] = []
+    out = conn.data_to_send()
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while (ev := conn.next_event()) is not NEED_DATA:
+            evs.append(ev)
+        out += conn.data_to_send()
+    return evs, out
+
+
+def test_whole_session_events() -> None:
+    evs, _ = run_chunks([SESSION])
+    kinds = [type(e).__name__ for e in evs]
+    assert kinds == [
+        "OptionRefused", "OptionRefused", "ExportChosen", "Request", "Request",
+        "RequestRejected", "RequestRejected", "RequestRejected", "Request", "Request",
+        "Disconnect",
+    ]  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(SESSION)), max_size=40))
+def test_any_chunking_gives_the_same_events_and_bytes(cuts: list[int]) -> None:
+    points = sorted(set(cuts))
+    chunks = [SESSION[a:b] for a, b in zip([0, *points], [*points, len(SESSION)], strict=True)]
+    assert run_chunks([c for c in chunks if c]) == run_chunks([SESSION])
+
+
+def test_byte_by_byte_gives_the_same_events() -> None:
+    one = [SESSION[i : i + 1] for i in range(len(SESSION))]
+    assert run_chunks(one) == run_chunks([SESSION])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.booleans())
+def test_random_bytes_give_events_or_remote_error(junk: bytes, after_go: bool) -> None:
+    conn = NBDServerConnection([EXPORT])
+    prefix = CLIENT_FLAGS + option(Option.GO, go_payload("")) if after_go else b""
+    conn.receive_data(prefix + junk)
+    try:
+        for _ in range(1000):
+            ev = conn.next_event()
+            if ev is NEED_DATA or isinstance(ev, Disconnect):
+                break
+    except RemoteProtocolError:
+        pass
