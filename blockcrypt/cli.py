@@ -346,10 +346,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         extra={"path": args.path, "uuid": volume.header.uuid, "size": volume.size},
     )
     try:
-        if listen.unix_path:
-            print(f"serving {args.path} on nbd+unix:///{args.export_name}"
-                  f"?socket={listen.unix_path}", file=sys.stderr, flush=True)
-        asyncio.run(serve(volume, listen, args.export_name))
+        def announce(uri: str) -> None:
+            print(f"serving {args.path} at {uri}", file=sys.stderr, flush=True)
+
+        asyncio.run(serve(volume, listen, args.export_name, on_ready=announce))
     finally:
         volume.close()
         log.info("volume detached", extra={"path": args.path})

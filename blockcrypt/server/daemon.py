@@ -10,7 +10,9 @@ import signal
 import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from blockcrypt.errors import ConfigError
 from blockcrypt.nbd import Export, TransmissionFlag
@@ -91,7 +93,7 @@ async def serve(
     volume: Volume,
     listen: ListenSpec,
     export_name: str = "",
-    ready: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve ``volume`` until SIGTERM or SIGINT, then shut down in stages."""
     export = export_for(volume, export_name)
@@ -128,8 +130,8 @@ async def serve(
             "read_only": volume.read_only,
         },
     )
-    if ready is not None:
-        ready.set()
+    if on_ready is not None:
+        on_ready(_uri(listen, export_name))
     try:
         await stop.wait()
     finally:
@@ -198,6 +200,16 @@ def _clear_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise ConfigError(f"--socket {path} is in use by a running server")
+
+
+def _uri(listen: ListenSpec, export_name: str) -> str:
+    name = quote(export_name)
+    if listen.unix_path:
+        return f"nbd+unix:///{name}?socket={listen.unix_path}"
+    if listen.activated_fd is not None:
+        return "(socket passed by systemd)"
+    host = f"[{listen.host}]" if ":" in (listen.host or "") else listen.host
+    return f"nbd://{host}:{listen.port}/{name}"
 
 
 def _describe(listen: ListenSpec) -> str:
