@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ctypes
 import json
 import logging
 import os
 import re
+import resource
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from blockcrypt.log import setup_logging
 
 log = logging.getLogger("blockcrypt.server")
 
+_PR_SET_DUMPABLE = 4
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
@@ -324,9 +327,18 @@ def default_socket_path(volume_path: str) -> str:
     return str(base / (Path(volume_path).name + ".sock"))
 
 
+def _no_core_dumps() -> None:
+    """Keep the plaintext DEK out of core dumps: no core file, not dumpable."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from blockcrypt.server.daemon import ListenSpec, serve
     from blockcrypt.volume.device import Volume
+
+    _no_core_dumps()
 
     listen = ListenSpec.from_systemd()
     if listen is None:

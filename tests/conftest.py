@@ -118,3 +118,15 @@ def server(cli: CLI, volume: Path, tmp_path: Path) -> Iterator[Server]:
     yield srv
     assert srv.stop() == 0, srv.log.read_text()
     assert "Traceback" not in srv.log.read_text()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """With BLOCKCRYPT_REQUIRE_ALL=1 (set by CI), a skipped interop test fails."""
+    outcome = yield
+    report = outcome.get_result()
+    strict = os.environ.get("BLOCKCRYPT_REQUIRE_ALL") == "1"
+    marked = item.get_closest_marker("interop") or item.get_closest_marker("root")
+    if strict and report.skipped and marked and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"interop test skipped where every tool must exist: {report.longrepr}"

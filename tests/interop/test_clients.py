@@ -148,3 +148,14 @@ def test_export_name_is_listed_and_required_name_works(
 
 def test_socket_is_owner_only(server: Server) -> None:
     assert server.socket.stat().st_mode & 0o777 == 0o600
+
+
+def test_socket_activation_by_libnbd(cli: CLI, volume: Path, tmp_path: Path) -> None:
+    need_tools("nbdcopy", "nbdinfo")
+    serve = ["[", *cli.argv("serve", str(volume)), "]"]
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(os.urandom(SIZE))
+    run("nbdcopy", "--", str(src), *serve)
+    run("nbdcopy", "--", *serve, str(out))
+    assert out.read_bytes() == src.read_bytes()
+    assert run("nbdinfo", "--size", "--", *serve).stdout.strip() == str(SIZE)
