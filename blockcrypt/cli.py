@@ -250,6 +250,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def _header_doc(path: str, header: Any) -> dict[str, Any]:
     size = max(os.stat(path).st_size - header.data_offset, 0)
+    if header.data_size is not None:
+        size = min(size, header.data_size)
     token = header.token
     return {
         "path": path,

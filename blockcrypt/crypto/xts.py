@@ -42,9 +42,7 @@ class XTSKey:
                 f"AES-256-XTS key is {len(key)} bytes; it must be {KEY_SIZE}"
             )
         if bytes(key[:32]) == bytes(key[32:]):
-            raise ValueError(
-                "AES-256-XTS key halves are identical; generate a new key"
-            )
+            raise ValueError("AES-256-XTS key halves are identical; generate a new key")
         self._buf = bytearray(key)
 
     def __bytes__(self) -> bytes:
@@ -113,6 +111,9 @@ class SectorCipher:
             )
         if first_sector < 0:
             raise ValueError(f"sector number is {first_sector}; it must be >= 0")
+        if not data:
+            # No sectors: without this, sector 0 would give last == -1 below.
+            return b""
         last = first_sector + len(data) // size - 1
         if (last * self._units_per_sector + self._iv_tweak) >> 128:
             raise ValueError(f"sector number {last} overflows the 128-bit tweak")

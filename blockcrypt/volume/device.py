@@ -83,6 +83,8 @@ class Volume:
         self._locks = RangeLock()
         file_size = os.fstat(fd).st_size
         usable = max(file_size - self._base, 0)
+        if header.data_size is not None:
+            usable = min(usable, header.data_size)
         self.size = usable - usable % self.sector_size
 
     # -- attach and detach ---------------------------------------------------
