@@ -96,6 +96,7 @@ def test_fio_nbd_engine_random_write_with_verify(server: Server) -> None:
         "fio", "--name=verify", "--ioengine=nbd", f"--uri={server.uri}",
         "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M",
         "--verify=crc32c", "--do_verify=1", "--output-format=json",
+        "--verify_state_save=0",
     )  # fmt: skip
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     job = result["jobs"][0]
