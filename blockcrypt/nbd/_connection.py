@@ -109,9 +109,12 @@ class NBDServerConnection:
     Args:
         exports: the exports on offer. The first one is the default export,
             chosen when a client asks for the empty name.
+        preinit: skip the handshake and start in transmission phase on the
+            default export. For a socket handed to the kernel's NBD driver,
+            which expects the handshake to be over already.
     """
 
-    def __init__(self, exports: list[Export]) -> None:
+    def __init__(self, exports: list[Export], preinit: bool = False) -> None:
         if not exports:
             raise LocalProtocolError("a server needs at least one export")
         self._exports = {e.name: e for e in exports}
@@ -125,7 +128,11 @@ class NBDServerConnection:
         self._skip = 0  # payload bytes still to discard
         self._after_skip: Event | None = None
         self.export: Export | None = None
-        self._out += struct.pack(">QQH", NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)
+        if preinit:
+            self._phase = Phase.OPTIONS
+            self._start_transmission(self._default)
+        else:
+            self._out += struct.pack(">QQH", NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)
 
     # -- public surface -----------------------------------------------------
 

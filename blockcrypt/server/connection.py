@@ -44,13 +44,14 @@ class ClientSession:
         volume: Volume,
         export: Export,
         executor: Executor,
+        preinit: bool = False,
     ) -> None:
         self.id = next(_ids)
         self._reader = reader
         self._writer = writer
         self._volume = volume
         self._executor = executor
-        self._proto = NBDServerConnection([export])
+        self._proto = NBDServerConnection([export], preinit=preinit)
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)

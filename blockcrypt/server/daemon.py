@@ -10,7 +10,7 @@ import signal
 import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -94,18 +94,29 @@ async def serve(
     listen: ListenSpec,
     export_name: str = "",
     on_ready: Callable[[str], None] | None = None,
+    preconnected: Sequence[socket.socket] = (),
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve ``volume`` until SIGTERM or SIGINT, then shut down in stages."""
+    """Serve ``volume`` until SIGTERM or SIGINT, then shut down in stages.
+
+    ``preconnected`` sockets (one end of a socketpair whose other end went to
+    the kernel's NBD driver) are served in transmission phase, no handshake.
+    Setting ``stop`` ends serving as a signal would.
+    """
     export = export_for(volume, export_name)
     executor = ThreadPoolExecutor(max_workers=max(4, (os.cpu_count() or 1) * 2))
     sessions: set[ClientSession] = set()
     tasks: set[asyncio.Task[None]] = set()
 
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def on_client(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        preinit: bool = False,
+    ) -> None:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = ClientSession(reader, writer, volume, export, executor)
+        session = ClientSession(reader, writer, volume, export, executor, preinit)
         sessions.add(session)
         task = asyncio.current_task()
         assert task is not None
@@ -117,7 +128,11 @@ async def serve(
             tasks.discard(task)
 
     server = await _start_server(on_client, listen)
-    stop = asyncio.Event()
+    kernel_tasks = []
+    for sock in preconnected:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        kernel_tasks.append(asyncio.create_task(on_client(reader, writer, True)))
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -419,3 +419,12 @@ def test_random_bytes_give_events_or_remote_error(junk: bytes, after_go: bool) -
                 break
     except RemoteProtocolError:
         pass
+
+
+def test_preinit_starts_in_transmission_without_greeting() -> None:
+    conn = NBDServerConnection([EXPORT], preinit=True)
+    assert conn.phase is Phase.TRANSMISSION and conn.export == EXPORT
+    assert conn.data_to_send() == b""
+    conn.receive_data(request(Command.READ, 0, 512, cookie=5))
+    (req,) = events(conn)
+    assert isinstance(req, Request) and req.cookie == 5
