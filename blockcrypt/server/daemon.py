@@ -9,8 +9,8 @@ import os
 import signal
 import socket
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -50,7 +50,9 @@ class ListenSpec:
             host, port = "127.0.0.1", value
         host = host.strip("[]") or "127.0.0.1"
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--listen {value!r}: expected HOST:PORT with a port 1-65535")
+            raise ConfigError(
+                f"--listen {value!r}: expected HOST:PORT with a port 1-65535"
+            )
         return cls(host=host, port=int(port))
 
     @classmethod
@@ -106,34 +108,18 @@ async def serve(
     export = export_for(volume, export_name)
     executor = ThreadPoolExecutor(max_workers=max(4, (os.cpu_count() or 1) * 2))
     sessions: set[ClientSession] = set()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def on_client(
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        preinit: bool = False,
-    ) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = ClientSession(reader, writer, volume, export, executor, preinit)
-        sessions.add(session)
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            await session.run()
-        finally:
-            sessions.discard(session)
-            tasks.discard(task)
-
-    server = await _start_server(on_client, listen)
-    kernel_tasks = []
-    for sock in preconnected:
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        kernel_tasks.append(asyncio.create_task(on_client(reader, writer, True)))
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def new_session(preinit: bool = False) -> ClientSession:
+        session = ClientSession(volume, export, executor, preinit)
+        sessions.add(session)
+        session.done.add_done_callback(lambda _: sessions.discard(session))
+        return session
+
+    server = await _start_server(new_session, listen)
+    for sock in preconnected:
+        await loop.connect_accepted_socket(lambda: new_session(True), sock)
+    stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info(
@@ -150,14 +136,15 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        await _shutdown(server, sessions, tasks, listen)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await _shutdown(server, sessions, listen)
         executor.shutdown(wait=True)
 
 
 async def _shutdown(
     server: asyncio.base_events.Server,
     sessions: set[ClientSession],
-    tasks: set[asyncio.Task[None]],
     listen: ListenSpec,
 ) -> None:
     # 1. Stop accepting new clients and remove our socket file.
@@ -169,30 +156,34 @@ async def _shutdown(
     # 2. Ask every session to stop reading; requests in flight still get answers.
     for session in list(sessions):
         session.stop()
-    # 3. Wait for them, then cancel whatever is left.
-    if tasks:
-        log.info("shutdown: waiting for clients", extra={"clients": len(tasks)})
-        _, pending = await asyncio.wait(list(tasks), timeout=_DRAIN_TIMEOUT)
-        for task in pending:
-            task.cancel()
+    # 3. Wait for their replies to go out, then drop whoever is left.
+    waiting = [s.done for s in sessions if not s.done.done()]
+    if waiting:
+        log.info("shutdown: waiting for clients", extra={"clients": len(waiting)})
+        await asyncio.wait(waiting, timeout=_DRAIN_TIMEOUT)
+    for session in list(sessions):
+        session.abort()
     log.info("shutdown: done")
 
 
-async def _start_server(handler, listen: ListenSpec) -> asyncio.base_events.Server:  # type: ignore[no-untyped-def]
+async def _start_server(
+    factory: Callable[[], ClientSession], listen: ListenSpec
+) -> asyncio.base_events.Server:
+    loop = asyncio.get_running_loop()
     if listen.activated_fd is not None:
         sock = socket.socket(fileno=listen.activated_fd)
         if sock.family == socket.AF_UNIX:
-            return await asyncio.start_unix_server(handler, sock=sock)
-        return await asyncio.start_server(handler, sock=sock)
+            return await loop.create_unix_server(factory, sock=sock)
+        return await loop.create_server(factory, sock=sock)
     if listen.unix_path is not None:
         _clear_stale_socket(listen.unix_path)
         old_umask = os.umask(0o177)  # the socket carries plaintext: owner only
         try:
-            return await asyncio.start_unix_server(handler, path=listen.unix_path)
+            return await loop.create_unix_server(factory, path=listen.unix_path)
         finally:
             os.umask(old_umask)
     try:
-        return await asyncio.start_server(handler, host=listen.host, port=listen.port)
+        return await loop.create_server(factory, host=listen.host, port=listen.port)
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}"
@@ -205,7 +196,9 @@ def _clear_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"--socket {path} exists and is not a socket; pick another path")
+        raise ConfigError(
+            f"--socket {path} exists and is not a socket; pick another path"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
