@@ -90,6 +90,9 @@ _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
 }
 _WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+_COMMANDS = {int(c): c for c in Command}
+# Flags values seen so far, as IntFlags: building one per request is slow.
+_FLAGS: dict[int, CommandFlag] = {}
 # What each command needs the export to advertise.
 _NEEDS_FLAG: dict[Command, TransmissionFlag] = {
     Command.FLUSH: TransmissionFlag.SEND_FLUSH,
@@ -128,6 +131,7 @@ class NBDServerConnection:
         self._skip = 0  # payload bytes still to discard
         self._after_skip: Event | None = None
         self.export: Export | None = None
+        self._allowed: dict[Command, int] = {}
         if preinit:
             self._phase = Phase.OPTIONS
             self._start_transmission(self._default)
@@ -346,55 +350,62 @@ class NBDServerConnection:
 
     def _start_transmission(self, export: Export) -> ExportChosen:
         self.export = export
+        # Flags each command accepts on this export, as plain ints: the
+        # complement of an IntFlag keeps only defined bits.
+        self._allowed = {c: int(f) for c, f in _ALLOWED_FLAGS.items()}
+        if not export.flags & TransmissionFlag.SEND_FAST_ZERO:
+            self._allowed[Command.WRITE_ZEROES] &= ~int(CommandFlag.FAST_ZERO)
         self._move(Phase.TRANSMISSION)
         return ExportChosen(export)
 
     # -- transmission ---------------------------------------------------------
 
     def _parse_request(self) -> Event | _NeedData:
-        if len(self._buf) < _REQUEST.size:
+        buf = self._buf
+        if len(buf) < _REQUEST.size:
             return NEED_DATA
-        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._buf)
+        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(buf)
         if magic != REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
         has_payload = kind == Command.WRITE
         if has_payload and length > MAX_PAYLOAD:
             # Too big to buffer: skip the payload as it streams in, then refuse.
-            del self._buf[: _REQUEST.size]
+            del buf[: _REQUEST.size]
             self._skip = length
             self._after_skip = self._reject(
                 kind, cookie, offset, length, Errno.EINVAL,
                 f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte maximum",
             )  # fmt: skip
             return self._discard()
-        if has_payload and len(self._buf) < _REQUEST.size + length:
+        end = _REQUEST.size + length if has_payload else _REQUEST.size
+        if len(buf) < end:
             return NEED_DATA
-        del self._buf[: _REQUEST.size]
-        data = self._take(length) if has_payload else None
+        data = buf[_REQUEST.size : end] if has_payload else None
+        del buf[:end]
 
-        if kind == Command.DISC:
+        command = _COMMANDS.get(kind)
+        if command is Command.DISC:
             self._move(Phase.CLOSED)
             return Disconnect()
-        problem = self._validate(kind, flags, offset, length)
+        problem = self._validate(command, kind, flags, offset, length)
         if problem is not None:
             return self._reject(kind, cookie, offset, length, *problem)
-        return Request(Command(kind), CommandFlag(flags), cookie, offset, length, data)
+        assert command is not None
+        flag_set = _FLAGS.get(flags)
+        if flag_set is None:
+            flag_set = _FLAGS[flags] = CommandFlag(flags)
+        return Request(command, flag_set, cookie, offset, length, data)
 
     def _validate(
-        self, kind: int, flags: int, offset: int, length: int
+        self, command: Command | None, kind: int, flags: int, offset: int, length: int
     ) -> tuple[Errno, str] | None:
         export = self.export
         assert export is not None
-        try:
-            command = Command(kind)
-        except ValueError:
+        if command is None:
             return Errno.EINVAL, f"unknown command type {kind}"
-        if command not in _ALLOWED_FLAGS:
+        allowed = self._allowed.get(command)
+        if allowed is None:
             return Errno.EINVAL, f"command {command.name} is not supported"
-        # Plain ints: the complement of an IntFlag keeps only defined bits.
-        allowed = int(_ALLOWED_FLAGS[command])
-        if not export.flags & TransmissionFlag.SEND_FAST_ZERO:
-            allowed &= ~int(CommandFlag.FAST_ZERO)
         if flags & ~allowed:
             return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
         needed = _NEEDS_FLAG.get(command)

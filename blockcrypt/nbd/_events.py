@@ -29,14 +29,17 @@ class ExportChosen:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A validated request in transmission phase. ``data`` is set for WRITE only."""
+    """A validated request in transmission phase.
+
+    ``data`` is set for WRITE only: a buffer the receiver owns and may modify.
+    """
 
     command: Command
     flags: CommandFlag
     cookie: int
     offset: int
     length: int
-    data: bytes | None = None
+    data: bytearray | None = None
 
 
 @dataclass(frozen=True, slots=True)
