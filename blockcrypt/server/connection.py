@@ -71,6 +71,9 @@ class ClientSession(asyncio.Protocol):
         self._shutting_down = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._debug = access.isEnabledFor(logging.DEBUG)
+        # Replies made while one batch of input is parsed leave in one write:
+        # a send per 16-byte reply header would cost more than the request.
+        self._batch: list[bytes | bytearray | memoryview] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -125,6 +128,7 @@ class ClientSession(asyncio.Protocol):
 
     def _pump(self) -> None:
         proto = self._proto
+        self._batch = []
         try:
             while not self._closing:
                 event = proto.next_event()
@@ -140,8 +144,17 @@ class ClientSession(asyncio.Protocol):
                 extra={"conn": self.id, "reason": str(exc)},
             )
             self._closing = True
+        finally:
+            batch, self._batch = self._batch, None
+            self._write_all(batch)
         self._flush_proto()
         self._maybe_close()
+
+    def _write_all(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        transport = self._transport
+        if not chunks or transport is None or transport.is_closing():
+            return
+        transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _other_event(self, event: object) -> None:
         if isinstance(event, RequestRejected):
@@ -179,7 +192,7 @@ class ClientSession(asyncio.Protocol):
         if command is Command.READ and req.length <= _INLINE_MAX:
             self._run_inline(req, self._volume.pread, req.offset, req.length)
         elif command is Command.WRITE and req.length <= _INLINE_MAX and not fua:
-            self._run_inline(req, self._volume.pwrite, req.offset, req.data, False)
+            self._run_inline(req, self._volume.write_owned, req.offset, req.data, False)
         else:
             self._run_in_pool(req, *self._job(req, bool(fua)))
 
@@ -191,7 +204,7 @@ class ClientSession(asyncio.Protocol):
         if command is Command.READ:
             return vol.pread, (req.offset, req.length)
         if command is Command.WRITE:
-            return vol.pwrite, (req.offset, req.data, fua)
+            return vol.write_owned, (req.offset, req.data, fua)
         if command is Command.FLUSH:
             return vol.flush, ()
         if command is Command.TRIM:
@@ -272,8 +285,15 @@ class ClientSession(asyncio.Protocol):
                     "nbd_errno": error.name,
                 },
             )
+        header = self._proto.reply_header(req.cookie, error)
+        batch = self._batch
+        if batch is not None:
+            batch.append(header)
+            if data is not None:
+                batch.append(data)  # type: ignore[arg-type]
+            return
         # Nothing else runs between these two writes: the loop is single-threaded.
-        transport.write(self._proto.reply_header(req.cookie, error))
+        transport.write(header)
         if data is not None:
             transport.write(data)  # type: ignore[arg-type]
 

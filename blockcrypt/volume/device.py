@@ -25,7 +25,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 
-from blockcrypt.crypto import SectorCipher, XTSKey
+from blockcrypt.crypto import XTSKey, make_cipher
 from blockcrypt.errors import StorageError, VolumeBusy, VolumeFormatError, WrongKey
 from blockcrypt.kms import CMKStore, WrappedKey, encryption_context
 from blockcrypt.volume import luks2
@@ -77,9 +77,8 @@ class Volume:
         self._fd = fd
         self._lock_fd = lock_fd
         self._key = key
-        self._cipher = SectorCipher(key, header.sector_size, header.iv_tweak)
+        self._cipher = make_cipher(key, header.sector_size, header.iv_tweak)
         self._base = header.data_offset
-        self._zero_sector = bytes(self.sector_size)
         self._locks = RangeLock()
         file_size = os.fstat(fd).st_size
         usable = max(file_size - self._base, 0)
@@ -132,6 +131,9 @@ class Volume:
             if not self.read_only:
                 os.fdatasync(self._fd)
         finally:
+            close_cipher = getattr(self._cipher, "close", None)
+            if close_cipher is not None:
+                close_cipher()
             self._key.wipe()
             os.close(self._fd)
             os.close(self._lock_fd)
@@ -139,18 +141,28 @@ class Volume:
 
     # -- block operations ----------------------------------------------------
 
-    def pread(self, offset: int, length: int) -> bytes:
-        """Return ``length`` plaintext bytes at ``offset``."""
+    def pread(self, offset: int, length: int) -> bytearray | memoryview:
+        """Return ``length`` plaintext bytes at ``offset`` (a fresh buffer)."""
         first, count = self._span(offset, length)
         plain = self._read_sectors(first, count)
         head = offset - first * self.sector_size
-        return plain[head : head + length]
+        if head == 0 and length == len(plain):
+            return plain
+        return memoryview(plain)[head : head + length]
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         """Write plaintext ``data`` at ``offset``; durable on return if ``fua``."""
         first, count = self._span(offset, len(data))
         with self._locks.hold(first, first + count):
-            self._write_locked(first, count, offset, data)
+            self._write_locked(first, count, offset, data, owned=False)
+        if fua:
+            self.flush()
+
+    def write_owned(self, offset: int, data: bytearray, fua: bool) -> None:
+        """Like ``pwrite``, but may encrypt ``data`` in place: the caller gives it up."""
+        first, count = self._span(offset, len(data))
+        with self._locks.hold(first, first + count):
+            self._write_locked(first, count, offset, data, owned=True)
         if fua:
             self.flush()
 
@@ -218,25 +230,34 @@ class Volume:
 
     def _read_sectors(self, first: int, count: int) -> bytearray:
         ss = self.sector_size
-        want = count * ss
-        raw = self._io(os.pread, self._fd, want, self._base + first * ss)
-        if len(raw) < want:  # a short file reads as holes
-            raw += bytes(want - len(raw))
-        out = bytearray(want)
-        view = memoryview(raw)
-        zero = self._zero_sector
-        for i in range(count):
-            chunk = view[i * ss : (i + 1) * ss]
-            if chunk != zero:
-                out[i * ss : (i + 1) * ss] = self._cipher.decrypt(first + i, chunk)
-        return out
+        buf = bytearray(count * ss)  # past the end of a short file: zeros
+        position = self._base + first * ss
+        view = memoryview(buf)
+        while view:
+            got = self._io(os.preadv, self._fd, [view], position)
+            if got == 0:
+                break
+            view = view[got:]
+            position += got
+        # All-zero ciphertext is a hole: it stays zero instead of being decrypted.
+        self._cipher.decrypt_into(first, buf, buf, zero_is_hole=True)
+        return buf
 
     def _write_locked(
-        self, first: int, count: int, offset: int, data: bytes | bytearray | memoryview
+        self,
+        first: int,
+        count: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        owned: bool,
     ) -> None:
         ss = self.sector_size
         head = offset - first * ss
         if head == 0 and len(data) == count * ss:
+            if owned and isinstance(data, bytearray):
+                self._cipher.encrypt_into(first, data, data)
+                self._pwrite_all(data, self._base + first * ss)
+                return
             plain: bytes | bytearray | memoryview = data
         else:
             # Read-modify-write: only the partial first and last sectors are read.
@@ -247,8 +268,12 @@ class Volume:
             if tail_end % ss and (count > 1 or not head):
                 buf[(count - 1) * ss :] = self._read_sectors(first + count - 1, 1)
             buf[head:tail_end] = data
-            plain = buf
-        self._pwrite_all(self._cipher.encrypt(first, plain), self._base + first * ss)
+            self._cipher.encrypt_into(first, buf, buf)
+            self._pwrite_all(buf, self._base + first * ss)
+            return
+        out = bytearray(len(plain))
+        self._cipher.encrypt_into(first, plain, out)
+        self._pwrite_all(out, self._base + first * ss)
 
     def _zero_sectors(self, start: int, end: int, no_hole: bool, fast: bool) -> None:
         ss = self.sector_size
@@ -265,12 +290,14 @@ class Volume:
                     ) from exc
         step = _ZERO_CHUNK // ss
         zeros = bytes(step * ss)
+        out = bytearray(step * ss)
         for sector in range(start, end, step):
-            n = min(step, end - sector)
-            cipher = self._cipher.encrypt(sector, memoryview(zeros)[: n * ss])
-            self._pwrite_all(cipher, self._base + sector * ss)
+            n = min(step, end - sector) * ss
+            chunk = memoryview(out)[:n]
+            self._cipher.encrypt_into(sector, memoryview(zeros)[:n], chunk)
+            self._pwrite_all(chunk, self._base + sector * ss)
 
-    def _pwrite_all(self, data: bytes, position: int) -> None:
+    def _pwrite_all(self, data: bytes | bytearray | memoryview, position: int) -> None:
         view = memoryview(data)
         while view:
             written = self._io(os.pwrite, self._fd, view, position)
