@@ -18,6 +18,7 @@ itself, or by random bytes, without detection (IEEE 1619, section 5.1).
 from __future__ import annotations
 
 import hashlib
+import operator
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -26,6 +27,8 @@ __all__ = ["KEY_SIZE", "SECTOR_SIZES", "SectorCipher", "XTSKey"]
 KEY_SIZE = 64
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 _TWEAK_UNIT = 512
+
+Buffer = bytes | bytearray | memoryview
 
 
 class XTSKey:
@@ -92,36 +95,116 @@ class SectorCipher:
         value = sector * self._units_per_sector + self._iv_tweak
         return value.to_bytes(16, "little")
 
-    def encrypt(self, first_sector: int, data: bytes | bytearray | memoryview) -> bytes:
+    def encrypt(self, first_sector: int, data: Buffer) -> bytes:
         """Encrypt ``data``, which starts at sector ``first_sector``."""
         return self._apply(first_sector, data, encrypt=True)
 
-    def decrypt(self, first_sector: int, data: bytes | bytearray | memoryview) -> bytes:
+    def decrypt(self, first_sector: int, data: Buffer) -> bytes:
         """Decrypt ``data``, which starts at sector ``first_sector``."""
         return self._apply(first_sector, data, encrypt=False)
 
+    def encrypt_into(self, first_sector: int, src: Buffer, dst: Buffer) -> None:
+        """Encrypt ``src`` into ``dst``, which may be the same buffer.
+
+        Raises:
+            TypeError: src or dst is not a contiguous buffer, or dst is read-only.
+            ValueError: the lengths differ or are not whole sectors, or the
+                sector numbers fall outside the 128-bit tweak.
+        """
+        source, target = io_views(src, dst)
+        target[:] = self._apply(first_sector, source, encrypt=True, name="src")
+
+    def decrypt_into(
+        self, first_sector: int, src: Buffer, dst: Buffer, *, zero_is_hole: bool = False
+    ) -> None:
+        """Decrypt ``src`` into ``dst``, which may be the same buffer.
+
+        With ``zero_is_hole``, an all-zero source sector is taken for a sector
+        never written (a hole in a sparse backing file) and comes out as zeros.
+        Raises as ``encrypt_into`` does.
+        """
+        source, target = io_views(src, dst)
+        plain = bytearray(self._apply(first_sector, source, encrypt=False, name="src"))
+        if zero_is_hole:
+            size = self.sector_size
+            zero = bytes(size)
+            for start in range(0, len(source), size):
+                if source[start : start + size] == zero:
+                    plain[start : start + size] = zero
+        # The whole result is built before dst changes, so src and dst may
+        # overlap in any way.
+        target[:] = plain
+
     def _apply(
-        self, first_sector: int, data: bytes | bytearray | memoryview, encrypt: bool
+        self, first_sector: int, data: Buffer, encrypt: bool, name: str = "data"
     ) -> bytes:
         size = self.sector_size
-        if len(data) % size:
-            raise ValueError(
-                f"data is {len(data)} bytes; it must be a multiple of the "
-                f"{size}-byte sector size"
-            )
-        if first_sector < 0:
-            raise ValueError(f"sector number is {first_sector}; it must be >= 0")
-        if not data:
-            # No sectors: without this, sector 0 would give last == -1 below.
+        view = memoryview(data).cast("B")
+        first_tweak = check_request(
+            first_sector, len(view), size, self._iv_tweak, name=name
+        )
+        if first_tweak is None:
             return b""
-        last = first_sector + len(data) // size - 1
-        if (last * self._units_per_sector + self._iv_tweak) >> 128:
-            raise ValueError(f"sector number {last} overflows the 128-bit tweak")
 
-        view = memoryview(data)
-        out = bytearray(len(data))
-        for i in range(len(data) // size):
-            cipher = Cipher(self._algorithm, modes.XTS(self.tweak(first_sector + i)))
+        out = bytearray(len(view))
+        step = self._units_per_sector
+        for i in range(len(view) // size):
+            tweak = (first_tweak + i * step).to_bytes(16, "little")
+            cipher = Cipher(self._algorithm, modes.XTS(tweak))
             ctx = cipher.encryptor() if encrypt else cipher.decryptor()
             out[i * size : (i + 1) * size] = ctx.update(view[i * size : (i + 1) * size])
         return bytes(out)
+
+
+def check_request(
+    first_sector: int, nbytes: int, sector_size: int, iv_tweak: int, *, name: str
+) -> int | None:
+    """Check a request of ``nbytes`` starting at ``first_sector``.
+
+    Both backends run these checks, so they refuse the same requests with the
+    same messages. Returns the tweak of the first sector, or None for an empty
+    request.
+    """
+    first_sector = operator.index(first_sector)
+    if nbytes % sector_size:
+        raise ValueError(
+            f"{name} is {nbytes} bytes; it must be a multiple of the "
+            f"{sector_size}-byte sector size"
+        )
+    if first_sector < 0:
+        raise ValueError(f"sector number is {first_sector}; it must be >= 0")
+    if not nbytes:
+        # No sectors: without this, sector 0 would give last == -1 below.
+        return None
+    units = sector_size // _TWEAK_UNIT
+    last = first_sector + nbytes // sector_size - 1
+    if (last * units + iv_tweak) >> 128:
+        raise ValueError(f"sector number {last} overflows the 128-bit tweak")
+    return first_sector * units + iv_tweak
+
+
+def io_views(src: Buffer, dst: Buffer) -> tuple[memoryview, memoryview]:
+    """Return flat byte views of ``src`` and a writable ``dst`` of equal size."""
+    source = _byte_view(src, "src")
+    target = _byte_view(dst, "dst")
+    if target.readonly:
+        raise TypeError("dst is read-only; pass a writable buffer such as a bytearray")
+    if len(source) != len(target):
+        raise ValueError(
+            f"src is {len(source)} bytes but dst is {len(target)}; "
+            "they must be the same length"
+        )
+    return source, target
+
+
+def _byte_view(buf: Buffer, name: str) -> memoryview:
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise TypeError(
+            f"{name} is a {type(buf).__name__}; it must support the buffer "
+            "protocol (bytes, bytearray, memoryview)"
+        ) from None
+    if not view.c_contiguous:
+        raise TypeError(f"{name} is not C-contiguous; pass a contiguous buffer")
+    return view.cast("B")
