@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import socket
 import stat
+import sys
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from blockcrypt.crypto import FAST_BACKEND_ERROR
 from blockcrypt.errors import ConfigError
 from blockcrypt.nbd import Export, TransmissionFlag
 from blockcrypt.server.connection import ClientSession
@@ -107,18 +111,17 @@ async def serve(
     """
     export = export_for(volume, export_name)
     executor = ThreadPoolExecutor(max_workers=max(4, (os.cpu_count() or 1) * 2))
-    sessions: set[ClientSession] = set()
     loop = asyncio.get_running_loop()
+    _warn_if_slow_cipher()
 
-    def new_session(preinit: bool = False) -> ClientSession:
-        session = ClientSession(volume, export, executor, preinit)
-        sessions.add(session)
-        session.done.add_done_callback(lambda _: sessions.discard(session))
-        return session
+    # Each worker thread runs its own event loop; connections are spread over
+    # them so that several clients (multi-conn) use several cores.
+    workers = [_Worker(volume, export, executor, i) for i in range(_loop_count())]
+    listener = _listening_socket(listen)
+    for i, sock in enumerate(preconnected):
+        workers[i % len(workers)].adopt(sock, preinit=True)
+    accepting = asyncio.create_task(_accept(loop, listener, workers))
 
-    server = await _start_server(new_session, listen)
-    for sock in preconnected:
-        await loop.connect_accepted_socket(lambda: new_session(True), sock)
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -129,6 +132,7 @@ async def serve(
             "export": export_name,
             "size": volume.size,
             "read_only": volume.read_only,
+            "event_loops": len(workers),
         },
     )
     if on_ready is not None:
@@ -138,56 +142,150 @@ async def serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await _shutdown(server, sessions, listen)
+        await _shutdown(accepting, listener, workers, listen)
         executor.shutdown(wait=True)
 
 
 async def _shutdown(
-    server: asyncio.base_events.Server,
-    sessions: set[ClientSession],
+    accepting: asyncio.Task[None],
+    listener: socket.socket,
+    workers: list[_Worker],
     listen: ListenSpec,
 ) -> None:
     # 1. Stop accepting new clients and remove our socket file.
     log.info("shutdown: no longer accepting clients")
-    server.close()
+    accepting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await accepting
+    listener.close()
     if listen.unix_path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(listen.unix_path)
-    # 2. Ask every session to stop reading; requests in flight still get answers.
-    for session in list(sessions):
-        session.stop()
-    # 3. Wait for their replies to go out, then drop whoever is left.
-    waiting = [s.done for s in sessions if not s.done.done()]
-    if waiting:
-        log.info("shutdown: waiting for clients", extra={"clients": len(waiting)})
-        await asyncio.wait(waiting, timeout=_DRAIN_TIMEOUT)
-    for session in list(sessions):
-        session.abort()
+    # 2. Every worker asks its sessions to stop reading, waits for the replies
+    #    of requests in flight, then drops whoever is left.
+    await asyncio.gather(*(w.drain(_DRAIN_TIMEOUT) for w in workers))
+    for worker in workers:
+        worker.close()
     log.info("shutdown: done")
 
 
-async def _start_server(
-    factory: Callable[[], ClientSession], listen: ListenSpec
-) -> asyncio.base_events.Server:
-    loop = asyncio.get_running_loop()
+async def _accept(
+    loop: asyncio.AbstractEventLoop, listener: socket.socket, workers: list[_Worker]
+) -> None:
+    turn = itertools.cycle(workers)
+    while True:
+        try:
+            conn, _ = await loop.sock_accept(listener)
+        except OSError as exc:
+            log.warning("accept failed", extra={"reason": str(exc)})
+            await asyncio.sleep(0.1)
+            continue
+        next(turn).adopt(conn)
+
+
+class _Worker:
+    """An event loop in its own thread, serving the connections given to it."""
+
+    def __init__(
+        self, volume: Volume, export: Export, executor: Executor, n: int
+    ) -> None:
+        self._volume = volume
+        self._export = export
+        self._executor = executor
+        self.sessions: set[ClientSession] = set()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run, name=f"nbd-loop-{n}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def adopt(self, sock: socket.socket, preinit: bool = False) -> None:
+        """Serve ``sock`` on this worker (callable from any thread)."""
+        asyncio.run_coroutine_threadsafe(self._adopt(sock, preinit), self.loop)
+
+    async def _adopt(self, sock: socket.socket, preinit: bool) -> None:
+        def factory() -> ClientSession:
+            session = ClientSession(self._volume, self._export, self._executor, preinit)
+            self.sessions.add(session)
+            session.done.add_done_callback(lambda _: self.sessions.discard(session))
+            return session
+
+        try:
+            await self.loop.connect_accepted_socket(factory, sock)
+        except OSError as exc:
+            log.warning("could not serve a connection", extra={"reason": str(exc)})
+            sock.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop this worker's sessions, waiting up to ``timeout`` for replies."""
+        future = asyncio.run_coroutine_threadsafe(self._drain(timeout), self.loop)
+        await asyncio.wrap_future(future)
+
+    async def _drain(self, timeout: float) -> None:
+        for session in list(self.sessions):
+            session.stop()
+        waiting = [s.done for s in self.sessions if not s.done.done()]
+        if waiting:
+            log.info("shutdown: waiting for clients", extra={"clients": len(waiting)})
+            await asyncio.wait(waiting, timeout=timeout)
+        for session in list(self.sessions):
+            session.abort()
+        await asyncio.sleep(0)  # let aborted transports run connection_lost
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def _loop_count() -> int:
+    value = os.environ.get("BLOCKCRYPT_EVENT_LOOPS")
+    if value and value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _warn_if_slow_cipher() -> None:
+    if FAST_BACKEND_ERROR is not None:
+        message = (
+            "the C sector cipher is not available, so every request runs "
+            "through the pure-Python reference, about 10 to 40 times slower: "
+            f"{FAST_BACKEND_ERROR}"
+        )
+        log.warning("slow cipher backend", extra={"reason": message})
+        print(f"blockcrypt: WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _listening_socket(listen: ListenSpec) -> socket.socket:
     if listen.activated_fd is not None:
         sock = socket.socket(fileno=listen.activated_fd)
-        if sock.family == socket.AF_UNIX:
-            return await loop.create_unix_server(factory, sock=sock)
-        return await loop.create_server(factory, sock=sock)
-    if listen.unix_path is not None:
+    elif listen.unix_path is not None:
         _clear_stale_socket(listen.unix_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket carries plaintext: owner only
         try:
-            return await loop.create_unix_server(factory, path=listen.unix_path)
+            sock.bind(listen.unix_path)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen on {listen.unix_path}: {exc.strerror}"
+            ) from exc
         finally:
             os.umask(old_umask)
-    try:
-        return await loop.create_server(factory, host=listen.host, port=listen.port)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}"
-        ) from exc
+        sock.listen(128)
+    else:
+        try:
+            sock = socket.create_server((listen.host or "127.0.0.1", listen.port or 0))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}"
+            ) from exc
+    sock.setblocking(False)
+    return sock
 
 
 def _clear_stale_socket(path: str) -> None:
