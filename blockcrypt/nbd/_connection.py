@@ -22,6 +22,8 @@ import enum
 import struct
 
 from blockcrypt.nbd._constants import (
+    BASE_ALLOCATION,
+    BASE_ALLOCATION_ID,
     IHAVEOPT,
     MAX_OPTION_LENGTH,
     MAX_PAYLOAD,
@@ -30,6 +32,7 @@ from blockcrypt.nbd._constants import (
     OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
     ClientFlag,
     Command,
     CommandFlag,
@@ -38,6 +41,8 @@ from blockcrypt.nbd._constants import (
     Info,
     Option,
     OptionReply,
+    ReplyFlag,
+    ReplyType,
     TransmissionFlag,
 )
 from blockcrypt.nbd._events import (
@@ -61,6 +66,10 @@ _OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
 _OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # ... and the offset of OFFSET_DATA
+_ERROR_CHUNK = struct.Struct(">IHHQIIH")  # ... and error, message length
+_DONE = int(ReplyFlag.DONE)
 _SERVER_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 
 
@@ -88,7 +97,10 @@ _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.FLUSH: CommandFlag(0),
     Command.TRIM: CommandFlag.FUA,
     Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
 }
+# Commands whose replies must be structured once structured replies are on.
+_STRUCTURED_ONLY = frozenset({int(Command.READ), int(Command.BLOCK_STATUS)})
 _WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 _COMMANDS = {int(c): c for c in Command}
 # Flags values seen so far, as IntFlags: building one per request is slow.
@@ -132,6 +144,10 @@ class NBDServerConnection:
         self._after_skip: Event | None = None
         self.export: Export | None = None
         self._allowed: dict[Command, int] = {}
+        self._structured = False
+        # SET_META_CONTEXT selection: (export it was made for, context names)
+        self._meta: tuple[Export, tuple[str, ...]] | None = None
+        self._status_on = False  # base:allocation selected for the export in use
         if preinit:
             self._phase = Phase.OPTIONS
             self._start_transmission(self._default)
@@ -185,10 +201,56 @@ class NBDServerConnection:
             return header
         return header + bytes(reply.data)
 
+    @property
+    def structured(self) -> bool:
+        """Whether the client negotiated structured replies."""
+        return self._structured
+
     @staticmethod
     def reply_header(cookie: int, error: Errno = Errno.OK) -> bytes:
-        """Return the 16-byte simple reply header (write the READ data after it)."""
+        """Return a simple reply header: for any command but READ and BLOCK_STATUS
+        (use ``read_reply_header`` and ``error_reply`` for those)."""
         return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """Return what precedes ``length`` bytes of READ data for this client."""
+        if not self._structured:
+            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return _DATA_CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, cookie,
+            8 + length, offset,
+        )  # fmt: skip
+
+    def error_reply(
+        self, cookie: int, command: int, error: Errno, message: str = ""
+    ) -> bytes:
+        """Return a whole error reply, structured where the protocol requires."""
+        if not (self._structured and command in _STRUCTURED_ONLY):
+            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+        text = message.encode()[:MAX_STRING]
+        return (
+            _ERROR_CHUNK.pack(
+                STRUCTURED_REPLY_MAGIC,
+                _DONE,
+                ReplyType.ERROR,
+                cookie,
+                6 + len(text),
+                error,
+                len(text),
+            )  # fmt: skip
+            + text
+        )
+
+    def block_status_reply(self, cookie: int, extents: list[tuple[int, int]]) -> bytes:
+        """Return the BLOCK_STATUS reply: ``extents`` are (length, flags) pairs."""
+        if not self._status_on or not extents:
+            raise LocalProtocolError("no base:allocation extents to send")
+        body = struct.pack(f">I{2 * len(extents)}I", BASE_ALLOCATION_ID,
+                           *(v for extent in extents for v in extent))  # fmt: skip
+        header = _CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.BLOCK_STATUS, cookie, len(body)
+        )
+        return header + body
 
     # -- phase handling ------------------------------------------------------
 
@@ -275,7 +337,58 @@ class NBDServerConnection:
             return self._opt_list(payload)
         if option in (Option.INFO, Option.GO):
             return self._opt_info_go(option, payload)
+        if option == Option.STRUCTURED_REPLY:
+            return self._opt_structured_reply(payload)
+        if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            return self._opt_meta_context(option, payload)
         return self._refuse(option, OptionReply.ERR_UNSUP, "option not supported")
+
+    def _opt_structured_reply(self, payload: bytes) -> Event | _NeedData:
+        if payload:
+            return self._refuse(
+                Option.STRUCTURED_REPLY, OptionReply.ERR_INVALID, "option has data"
+            )
+        self._structured = True
+        self._option_reply(Option.STRUCTURED_REPLY, OptionReply.ACK)
+        return self._parse()
+
+    def _opt_meta_context(self, option: int, payload: bytes) -> Event | _NeedData:
+        if not self._structured:
+            return self._refuse(
+                option, OptionReply.ERR_INVALID, "negotiate structured replies first"
+            )
+        parsed = _parse_meta_request(payload)
+        if isinstance(parsed, str):
+            return self._refuse(option, OptionReply.ERR_INVALID, parsed)
+        name, queries = parsed
+        export = self._find_export(name)
+        if export is None:
+            return self._refuse(option, OptionReply.ERR_UNKNOWN, "no such export")
+
+        offered = (BASE_ALLOCATION,) if export.block_status else ()
+        if option == Option.LIST_META_CONTEXT:
+            # No query means "everything"; "base:" asks for the whole namespace.
+            wanted = [
+                c for c in offered if not queries or c in queries or "base:" in queries
+            ]
+            for context in wanted:
+                self._option_reply(option, OptionReply.META_CONTEXT,
+                                   struct.pack(">I", 0) + context.encode())  # fmt: skip
+        else:
+            chosen = tuple(c for c in offered if c in queries)
+            self._meta = (export, chosen)
+            for context in chosen:
+                reply = struct.pack(">I", BASE_ALLOCATION_ID) + context.encode()
+                self._option_reply(option, OptionReply.META_CONTEXT, reply)
+        self._option_reply(option, OptionReply.ACK)
+        return self._parse()
+
+    def _flags_for(self, export: Export) -> int:
+        """Transmission flags as this client sees them."""
+        flags = int(export.flags)
+        if self._structured:
+            flags |= TransmissionFlag.SEND_DF  # READ always answers in one chunk
+        return flags
 
     def _option_reply(self, option: int, reply: int, payload: bytes = b"") -> None:
         self._out += _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
@@ -300,7 +413,7 @@ class NBDServerConnection:
             # EXPORT_NAME has no error reply: the only answer is to hang up.
             self._move(Phase.CLOSED)
             return Disconnect()
-        self._out += struct.pack(">QH", export.size, export.flags)
+        self._out += struct.pack(">QH", export.size, self._flags_for(export))
         if not self._no_zeroes:
             self._out += bytes(124)
         return self._start_transmission(export)
@@ -325,7 +438,7 @@ class NBDServerConnection:
         if export is None:
             return self._refuse(option, OptionReply.ERR_UNKNOWN, "no such export")
 
-        info = struct.pack(">HQH", Info.EXPORT, export.size, export.flags)
+        info = struct.pack(">HQH", Info.EXPORT, export.size, self._flags_for(export))
         self._option_reply(option, OptionReply.INFO, info)
         if Info.NAME in requests:
             self._option_reply(
@@ -355,6 +468,15 @@ class NBDServerConnection:
         self._allowed = {c: int(f) for c, f in _ALLOWED_FLAGS.items()}
         if not export.flags & TransmissionFlag.SEND_FAST_ZERO:
             self._allowed[Command.WRITE_ZEROES] &= ~int(CommandFlag.FAST_ZERO)
+        if self._structured:
+            self._allowed[Command.READ] |= int(CommandFlag.DF)
+        self._status_on = (
+            self._meta is not None
+            and self._meta[0] is export
+            and BASE_ALLOCATION in self._meta[1]
+        )
+        if not self._status_on:
+            del self._allowed[Command.BLOCK_STATUS]
         self._move(Phase.TRANSMISSION)
         return ExportChosen(export)
 
@@ -405,6 +527,8 @@ class NBDServerConnection:
             return Errno.EINVAL, f"unknown command type {kind}"
         allowed = self._allowed.get(command)
         if allowed is None:
+            if command is Command.BLOCK_STATUS:
+                return Errno.EINVAL, "BLOCK_STATUS needs base:allocation selected"
             return Errno.EINVAL, f"command {command.name} is not supported"
         if flags & ~allowed:
             return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
@@ -429,8 +553,32 @@ class NBDServerConnection:
     def _reject(
         self, kind: int, cookie: int, offset: int, length: int, error: Errno, why: str
     ) -> RequestRejected:
-        self._out += _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+        self._out += self.error_reply(cookie, kind, error, why)
         return RequestRejected(kind, cookie, offset, length, error, why)
+
+
+def _parse_meta_request(payload: bytes) -> tuple[str, list[str]] | str:
+    """Split a LIST/SET_META_CONTEXT payload into (export name, queries)."""
+    try:
+        (name_len,) = struct.unpack_from(">I", payload)
+        if name_len > MAX_STRING:
+            return f"export name length {name_len} exceeds {MAX_STRING}"
+        name = payload[4 : 4 + name_len].decode()
+        pos = 4 + name_len
+        (count,) = struct.unpack_from(">I", payload, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (qlen,) = struct.unpack_from(">I", payload, pos)
+            if qlen > MAX_STRING or pos + 4 + qlen > len(payload):
+                return f"query length {qlen} does not fit the option"
+            queries.append(payload[pos + 4 : pos + 4 + qlen].decode())
+            pos += 4 + qlen
+    except (struct.error, UnicodeDecodeError) as exc:
+        return f"malformed meta context request ({exc})"
+    if pos != len(payload) or len(name.encode()) != name_len:
+        return "meta context request has trailing or missing bytes"
+    return name, queries
 
 
 def _parse_info_request(payload: bytes) -> tuple[str, set[int]] | str:

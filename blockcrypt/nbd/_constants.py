@@ -13,6 +13,12 @@ IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+#: The one metadata context we offer: which ranges read as zeros.
+BASE_ALLOCATION = "base:allocation"
+#: Context id we give ``base:allocation`` in SET_META_CONTEXT replies.
+BASE_ALLOCATION_ID = 1
 
 #: Largest READ or WRITE payload we accept; the protocol suggests 32 MiB.
 MAX_PAYLOAD = 32 * 1024 * 1024
@@ -93,6 +99,28 @@ class Command(enum.IntEnum):
     CACHE = 5
     WRITE_ZEROES = 6
     BLOCK_STATUS = 7
+
+
+class ReplyType(enum.IntEnum):
+    """Structured reply chunk types."""
+
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) + 1
+    ERROR_OFFSET = (1 << 15) + 2
+
+
+class ReplyFlag(enum.IntFlag):
+    DONE = 1 << 0
+
+
+class AllocationFlag(enum.IntFlag):
+    """Extent flags of the ``base:allocation`` context."""
+
+    HOLE = 1 << 0
+    ZERO = 1 << 1
 
 
 class CommandFlag(enum.IntFlag):

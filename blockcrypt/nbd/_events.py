@@ -18,6 +18,10 @@ class Export:
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = 32 * 1024 * 1024
+    #: Offer the ``base:allocation`` context (BLOCK_STATUS) to clients that
+    #: negotiate structured replies. Only if every range the server reports
+    #: as zero really reads as zeros.
+    block_status: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,5 +98,10 @@ class _NeedData:
 NEED_DATA = _NeedData()
 
 Event = (
-    ExportChosen | Request | RequestRejected | OptionRefused | Disconnect | ConnectionClosed
+    ExportChosen
+    | Request
+    | RequestRejected
+    | OptionRefused
+    | Disconnect
+    | ConnectionClosed
 )

@@ -49,6 +49,7 @@ _ids = itertools.count(1)
 _FUA = int(CommandFlag.FUA)
 _NO_HOLE = int(CommandFlag.NO_HOLE)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
 
 
 class ClientSession(asyncio.Protocol):
@@ -196,7 +197,11 @@ class ClientSession(asyncio.Protocol):
             return
         command = req.command
         fua = req.flags & _FUA
-        if command is Command.READ and req.length <= _INLINE_MAX:
+        if command is Command.BLOCK_STATUS:
+            one = bool(req.flags & _REQ_ONE)
+            self._run_inline(req, self._volume.extents, req.offset, req.length,
+                             1 if one else 1024)  # fmt: skip
+        elif command is Command.READ and req.length <= _INLINE_MAX:
             self._run_inline(req, self._volume.pread, req.offset, req.length)
         elif command is Command.WRITE and req.length <= _INLINE_MAX and not fua:
             self._run_inline(req, self._volume.write_owned, req.offset, req.data, False)
@@ -228,7 +233,7 @@ class ClientSession(asyncio.Protocol):
         except Exception as exc:  # noqa: BLE001 - turned into an NBD error
             self._reply(req, self._error_for(req, exc), None)
         else:
-            self._reply(req, Errno.OK, result if req.command is Command.READ else None)
+            self._reply(req, Errno.OK, result)
 
     def _run_in_pool(
         self, req: Request, func: Callable[..., object], args: tuple[object, ...]
@@ -247,8 +252,7 @@ class ClientSession(asyncio.Protocol):
         if exc is not None:
             self._reply(req, self._error_for(req, exc), None)
         else:
-            result = future.result()
-            self._reply(req, Errno.OK, result if req.command is Command.READ else None)
+            self._reply(req, Errno.OK, future.result())
         self._update_reading()
         self._maybe_close()
 
@@ -292,7 +296,15 @@ class ClientSession(asyncio.Protocol):
                     "nbd_errno": error.name,
                 },
             )
-        header = self._proto.reply_header(req.cookie, error)
+        proto = self._proto
+        if error:
+            header, data = proto.error_reply(req.cookie, req.command, error), None
+        elif req.command is Command.READ:
+            header = proto.read_reply_header(req.cookie, req.offset, len(data))  # type: ignore[arg-type]
+        elif req.command is Command.BLOCK_STATUS:
+            header, data = proto.block_status_reply(req.cookie, data), None  # type: ignore[arg-type]
+        else:
+            header, data = proto.reply_header(req.cookie), None
         batch = self._batch
         if batch is not None:
             batch.append(header)

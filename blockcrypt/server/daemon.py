@@ -92,6 +92,7 @@ def export_for(volume: Volume, name: str) -> Export:
         min_block=1,
         preferred_block=volume.sector_size,
         max_block=32 * 1024 * 1024,
+        block_status=True,  # Volume.extents reports zero only for real holes
     )
 
 

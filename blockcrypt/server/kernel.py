@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from blockcrypt.errors import KernelNBDError
 
@@ -205,7 +205,9 @@ class NBDNetlink:
     """
 
     def __init__(self) -> None:
-        from pyroute2.netlink.generic import GenericNetlinkSocket
+        from pyroute2.netlink.generic import (  # type: ignore[import-untyped]
+            GenericNetlinkSocket,
+        )
 
         self._sock = GenericNetlinkSocket()
         try:

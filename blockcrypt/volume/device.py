@@ -36,6 +36,7 @@ __all__ = ["FORMAT_VERSION", "Volume", "VolumeInfo"]
 
 #: Version of the blockcrypt token layout, bound into the wrap context.
 FORMAT_VERSION = 1
+_ZERO_EXTENT = 3  # base:allocation HOLE | ZERO
 #: Bytes of zeros written per step when zeroing must really write.
 _ZERO_CHUNK = 1024 * 1024
 
@@ -150,7 +151,9 @@ class Volume:
             return plain
         return memoryview(plain)[head : head + length]
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+    def pwrite(
+        self, offset: int, data: bytes | bytearray | memoryview, fua: bool
+    ) -> None:
         """Write plaintext ``data`` at ``offset``; durable on return if ``fua``."""
         first, count = self._span(offset, len(data))
         with self._locks.hold(first, first + count):
@@ -159,7 +162,7 @@ class Volume:
             self.flush()
 
     def write_owned(self, offset: int, data: bytearray, fua: bool) -> None:
-        """Like ``pwrite``, but may encrypt ``data`` in place: the caller gives it up."""
+        """``pwrite`` that may encrypt ``data`` in place; the caller gives it up."""
         first, count = self._span(offset, len(data))
         with self._locks.hold(first, first + count):
             self._write_locked(first, count, offset, data, owned=True)
@@ -214,6 +217,55 @@ class Volume:
             self._zero_sectors(start, end, no_hole, fast)
         if fua:
             self.flush()
+
+    def extents(
+        self, offset: int, length: int, limit: int = 1024
+    ) -> list[tuple[int, int]]:
+        """Describe ``[offset, offset+length)`` as (length, flags) extents.
+
+        Flags are ``HOLE | ZERO`` (3) for ranges that read as zeros because
+        the backing file has a hole under every byte of their sectors, and 0
+        (data) for everything else, so a range reported as zero always reads
+        as zeros. At most ``limit`` extents; they may cover less than asked.
+        """
+        self._span(offset, length)
+        ss, end, out = self.sector_size, offset + length, []
+        pos = offset
+        while pos < end and len(out) < limit:
+            hole = self._seek(pos, os.SEEK_HOLE)
+            if hole > pos:  # data up to the next hole
+                step = min(hole, end)
+                _append_extent(out, step - pos, 0)
+                pos = step
+                continue
+            data = self._seek(pos, os.SEEK_DATA)
+            step = min(data, end)
+            # Only sectors wholly inside the hole read as zeros.
+            first = (
+                pos
+                if self._seek(pos - pos % ss, os.SEEK_DATA) >= data
+                else -(-pos // ss) * ss
+            )
+            last = min(data - data % ss, end)
+            if first < last:
+                if first > pos:
+                    _append_extent(out, first - pos, 0)
+                _append_extent(out, last - first, _ZERO_EXTENT)
+                if step > last:
+                    _append_extent(out, step - last, 0)
+            else:
+                _append_extent(out, step - pos, 0)
+            pos = step
+        return out
+
+    def _seek(self, pos: int, whence: int) -> int:
+        """lseek in plaintext coordinates; past the last data means the end."""
+        try:
+            return os.lseek(self._fd, self._base + pos, whence) - self._base
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return self.size
+            raise _io_error("seek", exc) from exc
 
     # -- internals -----------------------------------------------------------
 
@@ -310,6 +362,13 @@ class Volume:
             return func(*args)
         except OSError as exc:
             raise _io_error(func.__name__, exc) from exc
+
+
+def _append_extent(out: list[tuple[int, int]], length: int, flags: int) -> None:
+    if out and out[-1][1] == flags:
+        out[-1] = (out[-1][0] + length, flags)
+    else:
+        out.append((length, flags))
 
 
 def _io_error(what: str, exc: OSError) -> StorageIOError:

@@ -160,3 +160,25 @@ def test_socket_activation_by_libnbd(cli: CLI, volume: Path, tmp_path: Path) -> 
     run("nbdcopy", "--", *serve, str(out))
     assert out.read_bytes() == src.read_bytes()
     assert run("nbdinfo", "--size", "--", *serve).stdout.strip() == str(SIZE)
+
+
+def test_block_status_map_matches_contents(server: Server, tmp_path: Path) -> None:
+    need_tools("nbdinfo", "qemu-io", "qemu-img", "nbdcopy")
+    fresh = json.loads(run("nbdinfo", "--map", "--json", server.uri).stdout)
+    assert fresh == [{"offset": 0, "length": SIZE, "type": 3, "description": "hole,zero"}]
+
+    run("qemu-io", "-f", "raw", server.uri, "-c", "write -P 0x5a 1M 64k",
+        "-c", "write -P 0x33 40M 4k")  # fmt: skip
+    mapped = json.loads(run("nbdinfo", "--map", "--json", server.uri).stdout)
+    data = [(e["offset"], e["length"]) for e in mapped if e["type"] == 0]
+    assert data == [(1 << 20, 65536), (40 << 20, 4096)]
+    qmap = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", server.uri).stdout)
+    assert [(e["start"], e["length"]) for e in qmap if e["data"]] == data
+
+    # A sparse-aware copy out (it skips what BLOCK_STATUS calls zero) is exact.
+    out = tmp_path / "out.bin"
+    run("nbdcopy", server.uri, str(out))
+    raw = out.read_bytes()
+    assert raw[1 << 20 : (1 << 20) + 65536] == b"\x5a" * 65536
+    assert raw[40 << 20 : (40 << 20) + 4096] == b"\x33" * 4096
+    assert raw.count(0) == SIZE - 65536 - 4096

@@ -145,8 +145,7 @@ def test_go_malformed_payload_is_err_invalid(payload: bytes) -> None:
 
 @pytest.mark.parametrize(
     "opt",
-    [Option.STRUCTURED_REPLY, Option.STARTTLS, Option.SET_META_CONTEXT,
-     Option.EXTENDED_HEADERS, 0x07654321],
+    [Option.STARTTLS, Option.EXTENDED_HEADERS, Option.PEEK_EXPORT, 0x07654321],
 )  # fmt: skip
 def test_unsupported_option_is_err_unsup_then_parsing_goes_on(opt: int) -> None:
     conn = NBDServerConnection([EXPORT])
@@ -387,7 +386,7 @@ def test_whole_session_events() -> None:
     evs, _ = run_chunks([SESSION])
     kinds = [type(e).__name__ for e in evs]
     assert kinds == [
-        "OptionRefused", "OptionRefused", "ExportChosen", "Request", "Request",
+        "OptionRefused", "ExportChosen", "Request", "Request",
         "RequestRejected", "RequestRejected", "RequestRejected", "Request", "Request",
         "Disconnect",
     ]  # fmt: skip
@@ -428,3 +427,143 @@ def test_preinit_starts_in_transmission_without_greeting() -> None:
     conn.receive_data(request(Command.READ, 0, 512, cookie=5))
     (req,) = events(conn)
     assert isinstance(req, Request) and req.cookie == 5
+
+
+# -- structured replies and base:allocation -------------------------------------
+
+STATUS_EXPORT = Export(name="vol", size=SIZE, flags=RW_FLAGS, block_status=True)
+
+
+def meta_payload(name: str, *queries: str) -> bytes:
+    out = struct.pack(">I", len(name)) + name.encode() + struct.pack(">I", len(queries))
+    for q in queries:
+        out += struct.pack(">I", len(q)) + q.encode()
+    return out
+
+
+def structured(export: Export = STATUS_EXPORT, select: bool = True) -> NBDServerConnection:
+    conn = NBDServerConnection([export])
+    stream = CLIENT_FLAGS + option(Option.STRUCTURED_REPLY)
+    if select:
+        stream += option(Option.SET_META_CONTEXT, meta_payload("vol", "base:allocation"))
+    conn.receive_data(stream + option(Option.GO, go_payload("vol")))
+    assert isinstance(events(conn)[-1], ExportChosen)
+    conn.data_to_send()
+    return conn
+
+
+def test_structured_reply_is_acked_and_adds_df_flag() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.STRUCTURED_REPLY)
+                      + option(Option.GO, go_payload("vol")))  # fmt: skip
+    assert events(conn) == [ExportChosen(EXPORT)]
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies[0] == (Option.STRUCTURED_REPLY, OptionReply.ACK, b"")
+    (_, _, flags) = struct.unpack(">HQH", replies[1][2])
+    assert flags == RW_FLAGS | TransmissionFlag.SEND_DF
+
+
+def test_meta_context_needs_structured_replies() -> None:
+    conn = NBDServerConnection([STATUS_EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.SET_META_CONTEXT,
+                                            meta_payload("vol", "base:allocation")))  # fmt: skip
+    (ev,) = events(conn)
+    assert isinstance(ev, OptionRefused) and ev.reply == OptionReply.ERR_INVALID
+
+
+@pytest.mark.parametrize(
+    "queries,expected",
+    [((), [b"base:allocation"]), (("base:",), [b"base:allocation"]),
+     (("qemu:dirty-bitmap:x",), []), (("base:allocation",), [b"base:allocation"])],
+)  # fmt: skip
+def test_list_meta_context(queries: tuple[str, ...], expected: list[bytes]) -> None:
+    conn = NBDServerConnection([STATUS_EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.STRUCTURED_REPLY)
+                      + option(Option.LIST_META_CONTEXT, meta_payload("vol", *queries)))  # fmt: skip
+    assert events(conn) == []
+    replies = parse_option_replies(conn.data_to_send())[1:]
+    assert [p[4:] for _, k, p in replies if k == OptionReply.META_CONTEXT] == expected
+    assert replies[-1][1] == OptionReply.ACK
+
+
+def test_set_meta_context_on_export_without_status_selects_nothing() -> None:
+    conn = NBDServerConnection([EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.STRUCTURED_REPLY)
+                      + option(Option.SET_META_CONTEXT, meta_payload("vol", "base:allocation")))  # fmt: skip
+    events(conn)
+    kinds = [k for _, k, _ in parse_option_replies(conn.data_to_send())]
+    assert kinds == [OptionReply.ACK, OptionReply.ACK]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x00\x00\x00\x03vo", meta_payload("vol", "x") + b"!",
+     b"\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x01a"],
+)  # fmt: skip
+def test_malformed_meta_context_is_err_invalid(payload: bytes) -> None:
+    conn = NBDServerConnection([STATUS_EXPORT])
+    conn.data_to_send()
+    conn.receive_data(CLIENT_FLAGS + option(Option.STRUCTURED_REPLY)
+                      + option(Option.SET_META_CONTEXT, payload))  # fmt: skip
+    (ev,) = events(conn)
+    assert isinstance(ev, OptionRefused) and ev.reply == OptionReply.ERR_INVALID
+
+
+def test_structured_read_reply_and_error_chunks() -> None:
+    conn = structured()
+    assert conn.read_reply_header(7, 4096, 3) == struct.pack(
+        ">IHHQIQ", 0x668E33EF, 1, 1, 7, 11, 4096
+    )
+    conn.receive_data(request(Command.READ, SIZE, 1, cookie=9))
+    (ev,) = events(conn)
+    assert isinstance(ev, RequestRejected)
+    out = conn.data_to_send()
+    magic, flags, kind, cookie, length, error, msg_len = struct.unpack_from(">IHHQIIH", out)
+    assert (magic, flags, kind, cookie, error) == (0x668E33EF, 1, 0x8001, 9, 22)
+    assert len(out) == 20 + length and msg_len == length - 6
+    # other commands still get simple replies
+    conn.receive_data(request(Command.WRITE, SIZE, 1, cookie=10, data=b"x"))
+    events(conn)
+    assert parse_simple_reply(conn.data_to_send()) == (Errno.ENOSPC, 10, b"")
+
+
+def test_df_accepted_only_with_structured_replies() -> None:
+    conn = structured()
+    conn.receive_data(request(Command.READ, 0, 512, flags=CommandFlag.DF))
+    (ev,) = events(conn)
+    assert isinstance(ev, Request) and ev.flags == CommandFlag.DF
+
+
+def test_block_status_only_when_selected() -> None:
+    conn = structured(select=False)
+    conn.receive_data(request(Command.BLOCK_STATUS, 0, 4096, cookie=3))
+    (ev,) = events(conn)
+    assert isinstance(ev, RequestRejected) and ev.error == Errno.EINVAL
+
+    conn = structured()
+    conn.receive_data(request(Command.BLOCK_STATUS, 0, 0xFFFFF000 % SIZE or 4096,
+                              cookie=4, flags=CommandFlag.REQ_ONE))  # fmt: skip
+    (ev,) = events(conn)
+    assert isinstance(ev, Request) and ev.command is Command.BLOCK_STATUS
+    reply = conn.block_status_reply(4, [(4096, 3), (8192, 0)])
+    assert reply == struct.pack(">IHHQI", 0x668E33EF, 1, 5, 4, 20) + struct.pack(
+        ">IIIII", 1, 4096, 3, 8192, 0
+    )
+    conn.receive_data(request(Command.BLOCK_STATUS, SIZE - 1, 2, cookie=5))
+    (ev,) = events(conn)
+    assert isinstance(ev, RequestRejected) and ev.error == Errno.EINVAL
+
+
+def test_meta_context_selected_for_another_export_is_not_active() -> None:
+    other = Export(name="other", size=SIZE, flags=RW_FLAGS, block_status=True)
+    conn = NBDServerConnection([STATUS_EXPORT, other])
+    conn.receive_data(CLIENT_FLAGS + option(Option.STRUCTURED_REPLY)
+                      + option(Option.SET_META_CONTEXT, meta_payload("other", "base:allocation"))
+                      + option(Option.GO, go_payload("vol"))
+                      + request(Command.BLOCK_STATUS, 0, 512))  # fmt: skip
+    evs = events(conn)
+    assert isinstance(evs[-1], RequestRejected)

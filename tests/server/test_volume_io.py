@@ -99,3 +99,40 @@ def test_ciphertext_differs_from_plaintext(store: MemoryCMKStore, tmp_path: Path
     vol.close()
     raw = path.read_bytes()
     assert secret[:16] not in raw
+
+
+def test_extents_zero_only_where_reads_are_zero(attached: Volume) -> None:
+    ss = attached.sector_size
+    size = attached.size
+    assert attached.extents(0, size) == [(size, 3)]
+    attached.pwrite(5 * 65536 + 7, b"x" * 10, fua=False)
+    attached.pwrite(size - 1, b"y", fua=False)
+    ext = attached.extents(0, size)
+    assert sum(n for n, _ in ext) == size
+    pos = 0
+    for n, flags in ext:
+        if flags == 3:
+            assert attached.pread(pos, n) == bytes(n), (pos, n)
+        pos += n
+    assert any(f == 0 for _, f in ext) and ext[0][1] == 3
+    # the written bytes are never inside a zero extent
+    pos = 0
+    for n, flags in ext:
+        for written in (5 * 65536 + 7, size - 1):
+            if pos <= written < pos + n:
+                assert flags == 0
+        pos += n
+    # unaligned start and a single-extent request
+    one = attached.extents(3, ss * 2, limit=1)
+    assert len(one) == 1 and one[0][0] <= ss * 2
+
+
+def test_extents_after_trim_and_zeroes(attached: Volume) -> None:
+    attached.pwrite(0, b"z" * (1 << 20), fua=False)
+    assert attached.extents(0, 1 << 20) == [(1 << 20, 0)]
+    attached.trim(0, 1 << 20, fua=False)
+    assert attached.extents(0, 1 << 20) == [(1 << 20, 3)]
+    attached.pwrite(0, b"z" * (1 << 20), fua=False)
+    attached.write_zeroes(0, 1 << 20, no_hole=True, fast=False, fua=False)
+    assert attached.extents(0, 1 << 20) == [(1 << 20, 0)]  # zeros, but allocated
+    assert attached.pread(0, 1 << 20) == bytes(1 << 20)
