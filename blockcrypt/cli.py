@@ -10,23 +10,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import ctypes
 import json
 import logging
 import os
 import re
 import resource
+import stat
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockcrypt import __version__
-from blockcrypt.config import Config, load_config, open_store
-from blockcrypt.errors import BlockcryptError, ConfigError, StorageError
-from blockcrypt.kms import CMKStore, KeyInfo, WrappedKey, encryption_context
+from blockcrypt.audit import AuditLog, parse_time
+from blockcrypt.config import Config, load_config
+from blockcrypt.errors import (
+    BlockcryptError,
+    ConfigError,
+    KernelNBDError,
+    KMSError,
+    StorageError,
+)
+from blockcrypt.kms import (
+    KeyCatalog,
+    KeyInfo,
+    ManagedCMKStore,
+    WrappedKey,
+    encryption_context,
+    open_managed_store,
+)
+from blockcrypt.kms.lifecycle import CATALOG_FILE, DEFAULT_PENDING_DAYS
 from blockcrypt.log import setup_logging
+
+if TYPE_CHECKING:
+    from blockcrypt.volume.device import Volume
 
 log = logging.getLogger("blockcrypt.server")
 
@@ -54,12 +74,17 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 
 
 def _key_text(info: KeyInfo) -> str:
-    return (
+    text = (
         f"key id:     {info.key_id}\nalias:      {info.alias}\n"
-        f"state:      {info.state}\nkey spec:   {info.key_spec}\n"
+        f"aliases:    {', '.join(info.aliases) or '(none)'}\n"
+        f"state:      {info.state}\nversion:    {info.current_version}\n"
+        f"key spec:   {info.key_spec}\n"
         f"created:    {info.created}\nbackend:    {info.backend}"
         + (f" (token {info.token_label})" if info.token_label else "")
     )
+    if info.deletion_date:
+        text += f"\ndeletion:   {info.deletion_date} (run `blockcrypt kms purge` after)"
+    return text
 
 
 def _write_secret_file(path: str, data: bytes) -> None:
@@ -105,9 +130,11 @@ def _wrapped_from_json(doc: Any, source: str) -> tuple[WrappedKey, str]:
 # -- commands ------------------------------------------------------------------
 
 
-def _with_store(args: argparse.Namespace, body: Callable[[CMKStore], int]) -> int:
+def _with_store(
+    args: argparse.Namespace, body: Callable[[ManagedCMKStore], int]
+) -> int:
     config = _config(args)
-    store = open_store(config)
+    store = open_managed_store(config)
     try:
         return body(store)
     finally:
@@ -121,7 +148,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_create_key(args: argparse.Namespace) -> int:
-    def body(store: CMKStore) -> int:
+    def body(store: ManagedCMKStore) -> int:
         info = store.create_key(args.alias)
         _emit(args, info.to_json(), _key_text(info))
         return 0
@@ -130,17 +157,22 @@ def cmd_create_key(args: argparse.Namespace) -> int:
 
 
 def cmd_list_keys(args: argparse.Namespace) -> int:
-    def body(store: CMKStore) -> int:
+    def body(store: ManagedCMKStore) -> int:
         keys = store.list_keys()
-        lines = [f"{k.key_id}  {k.state:<8}  {k.alias}" for k in keys]
-        _emit(args, {"keys": [k.to_json() for k in keys]}, "\n".join(lines) or "no keys")
+        lines = [
+            f"{k.key_id}  {k.state:<15}  v{k.current_version}  {','.join(k.aliases)}"
+            for k in keys
+        ]
+        _emit(
+            args, {"keys": [k.to_json() for k in keys]}, "\n".join(lines) or "no keys"
+        )
         return 0
 
     return _with_store(args, body)
 
 
 def cmd_describe_key(args: argparse.Namespace) -> int:
-    def body(store: CMKStore) -> int:
+    def body(store: ManagedCMKStore) -> int:
         info = store.describe_key(args.key)
         _emit(args, info.to_json(), _key_text(info))
         return 0
@@ -151,7 +183,7 @@ def cmd_describe_key(args: argparse.Namespace) -> int:
 def cmd_create_datakey(args: argparse.Namespace) -> int:
     volume_uuid = args.volume_uuid or str(uuid.uuid4())
 
-    def body(store: CMKStore) -> int:
+    def body(store: ManagedCMKStore) -> int:
         from blockcrypt.volume.device import FORMAT_VERSION
 
         info = store.describe_key(args.key)
@@ -175,10 +207,12 @@ def cmd_decrypt_datakey(args: argparse.Namespace) -> int:
         text = Path(args.input).read_text() if args.input else sys.stdin.read()
         doc = json.loads(text)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the wrapped data key from {source}: {exc}") from None
+        raise ConfigError(
+            f"cannot read the wrapped data key from {source}: {exc}"
+        ) from None
     wrapped, volume_uuid = _wrapped_from_json(doc, source)
 
-    def body(store: CMKStore) -> int:
+    def body(store: ManagedCMKStore) -> int:
         from blockcrypt.volume.device import FORMAT_VERSION
 
         info = store.describe_key(args.key)
@@ -211,7 +245,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             f"of the {args.sector_size}-byte sector size"
         )
 
-    def body(store: CMKStore) -> int:
+    def body(store: ManagedCMKStore) -> int:
         info = store.describe_key(args.key)
         volume_uuid = str(uuid.uuid4())
         context = encryption_context(volume_uuid, FORMAT_VERSION, info.key_id)
@@ -306,12 +340,7 @@ def _header_text(doc: dict[str, Any]) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from blockcrypt.volume import luks2
 
-    try:
-        fd = os.open(args.path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise StorageError(f"{args.path}: no such file") from None
-    except OSError as exc:
-        raise StorageError(f"cannot open {args.path}: {exc.strerror}") from exc
+    fd = _open_volume_file(args.path)
     try:
         header = luks2.read_header(fd)
     finally:
@@ -322,9 +351,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def default_socket_path(volume_path: str) -> str:
-    base = Path("/run/blockcrypt") if os.geteuid() == 0 else Path(
-        os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/blockcrypt-{os.getuid()}"
-    ) / "blockcrypt"
+    base = (
+        Path("/run/blockcrypt")
+        if os.geteuid() == 0
+        else Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/blockcrypt-{os.getuid()}")
+        / "blockcrypt"
+    )
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     return str(base / (Path(volume_path).name + ".sock"))
 
@@ -338,7 +370,6 @@ def _no_core_dumps() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from blockcrypt.server.daemon import ListenSpec, serve
-    from blockcrypt.volume.device import Volume
 
     _no_core_dumps()
 
@@ -350,23 +381,535 @@ def cmd_serve(args: argparse.Namespace) -> int:
             listen = ListenSpec(unix_path=args.socket or default_socket_path(args.path))
 
     config = _config(args)
-    store = open_store(config)
+    audit = AuditLog.in_state_dir(config.state_dir)
+    volume = _attach_volume(args.path, config, audit, args.read_only, "serve")
     try:
-        volume = Volume.attach(args.path, store, read_only=args.read_only)
-    finally:
-        store.close()
-    log.info(
-        "volume attached",
-        extra={"path": args.path, "uuid": volume.header.uuid, "size": volume.size},
-    )
-    try:
+
         def announce(uri: str) -> None:
             print(f"serving {args.path} at {uri}", file=sys.stderr, flush=True)
 
         asyncio.run(serve(volume, listen, args.export_name, on_ready=announce))
     finally:
+        _detach_volume(volume, audit, "serve")
+    return 0
+
+
+def _attach_volume(
+    path: str, config: Config, audit: AuditLog, read_only: bool, mode: str
+) -> Volume:
+    """Purge expired keys, unwrap the DEK, open the volume, audit the attach."""
+    from blockcrypt.volume.device import Volume
+
+    store = open_managed_store(config)
+    try:
+        _purge_at_start(store)
+        try:
+            volume = Volume.attach(path, store, read_only=read_only)
+        except BlockcryptError as exc:
+            audit.record(
+                "Attach",
+                outcome="failure",
+                volume_uuid=_volume_uuid(path),
+                error=exc,
+                details={"path": path, "mode": mode},
+            )
+            raise
+    finally:
+        store.close()
+    token = volume.header.token
+    try:
+        audit.record(
+            "Attach",
+            key_id=token.key_id if token else None,
+            key_version=token.key_version if token else None,
+            volume_uuid=volume.header.uuid,
+            details={"path": path, "mode": mode, "read_only": int(read_only)},
+        )
+    except BaseException:
         volume.close()
-        log.info("volume detached", extra={"path": args.path})
+        raise
+    log.info(
+        "volume attached",
+        extra={"path": path, "uuid": volume.header.uuid, "size": volume.size},
+    )
+    return volume
+
+
+def _open_volume_file(path: str) -> int:
+    """Open a volume file for reading; refuse what cannot be a volume (a FIFO
+    would block the open forever without O_NONBLOCK)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise StorageError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise StorageError(
+            f"{path} is not a regular file or a block device, so it cannot be a volume"
+        )
+    return fd
+
+
+def _volume_uuid(path: str) -> str | None:
+    """Return the volume's UUID for an audit record, or None if unreadable."""
+    from blockcrypt.volume import luks2
+
+    try:
+        fd = _open_volume_file(path)
+    except BlockcryptError:
+        return None
+    try:
+        return luks2.read_header(fd).uuid
+    except BlockcryptError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _detach_volume(
+    volume: Volume, audit: AuditLog, mode: str, device: str | None = None
+) -> None:
+    token = volume.header.token
+    try:
+        volume.close()
+    finally:
+        details: dict[str, str | int | None] = {"path": volume.path, "mode": mode}
+        if device:
+            details["device"] = device
+        audit.record(
+            "Detach",
+            key_id=token.key_id if token else None,
+            key_version=token.key_version if token else None,
+            volume_uuid=volume.header.uuid,
+            details=details,
+        )
+        log.info("volume detached", extra={"path": volume.path})
+
+
+def _purge_at_start(store: ManagedCMKStore) -> None:
+    # A failed purge must not keep a volume from being served; it is retried
+    # at the next start and by `kms purge`.
+    try:
+        for info in store.purge():
+            log.warning("key material destroyed", extra={"key_id": info.key_id})
+    except KMSError as exc:
+        log.warning("purge of expired keys failed", extra={"error": str(exc)})
+
+
+# -- key lifecycle ---------------------------------------------------------------
+
+
+def _lifecycle(
+    args: argparse.Namespace,
+    action: Callable[[ManagedCMKStore], KeyInfo],
+    verb: str,
+) -> int:
+    def body(store: ManagedCMKStore) -> int:
+        info = action(store)
+        _emit(args, info.to_json(), f"{verb}\n" + _key_text(info))
+        return 0
+
+    return _with_store(args, body)
+
+
+def cmd_enable_key(args: argparse.Namespace) -> int:
+    return _lifecycle(args, lambda s: s.enable_key(args.key), "key enabled")
+
+
+def cmd_disable_key(args: argparse.Namespace) -> int:
+    return _lifecycle(args, lambda s: s.disable_key(args.key), "key disabled")
+
+
+def cmd_schedule_key_deletion(args: argparse.Namespace) -> int:
+    return _lifecycle(
+        args,
+        lambda s: s.schedule_key_deletion(args.key, args.pending_window_days),
+        "key scheduled for deletion",
+    )
+
+
+def cmd_cancel_key_deletion(args: argparse.Namespace) -> int:
+    return _lifecycle(
+        args,
+        lambda s: s.cancel_key_deletion(args.key),
+        "deletion cancelled; the key is Disabled until `kms enable-key`",
+    )
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    return _lifecycle(args, lambda s: s.rotate_key(args.key), "key rotated")
+
+
+def cmd_add_alias(args: argparse.Namespace) -> int:
+    return _lifecycle(args, lambda s: s.add_alias(args.key, args.alias), "alias added")
+
+
+def cmd_remove_alias(args: argparse.Namespace) -> int:
+    return _lifecycle(args, lambda s: s.remove_alias(args.alias), "alias removed")
+
+
+def cmd_rename_alias(args: argparse.Namespace) -> int:
+    return _lifecycle(
+        args, lambda s: s.rename_alias(args.alias, args.new_alias), "alias renamed"
+    )
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    def body(store: ManagedCMKStore) -> int:
+        purged = store.purge()
+        lines = [
+            f"destroyed {k.key_id} (deletion date {k.deletion_date})" for k in purged
+        ]
+        _emit(
+            args,
+            {"purged": [k.to_json() for k in purged]},
+            "\n".join(lines) or "no key is due for destruction",
+        )
+        return 0
+
+    return _with_store(args, body)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    # Reads only the state directory: no HSM login is needed to audit.
+    config = _config(args)
+    log_file = AuditLog.in_state_dir(config.state_dir)
+    key_ids = None
+    if args.key:
+        catalog_path = config.state_dir / CATALOG_FILE
+        if catalog_path.exists():
+            catalog = KeyCatalog(catalog_path)
+            try:
+                key_ids = catalog.resolve_ids(args.key)
+            finally:
+                catalog.close()
+        else:
+            key_ids = {args.key}
+        if not key_ids:
+            raise ConfigError(
+                f"--key {args.key!r} is neither a key id nor a current alias; "
+                "pass the key id (cmk-...)"
+            )
+    if args.volume:
+        try:
+            uuid.UUID(args.volume)
+        except ValueError:
+            raise ConfigError(f"--volume {args.volume!r} is not a UUID") from None
+    since = parse_time(args.since) if args.since else None
+    records = log_file.read(key_ids, args.volume, since)
+    if args.json:
+        print(json.dumps({"records": records}, indent=2, sort_keys=True))
+        return 0
+    for r in records:
+        key = r.get("key_id") or "-"
+        if r.get("key_version") is not None:
+            key += f" v{r['key_version']}"
+        outcome = r.get("outcome", "?")
+        if r.get("error"):
+            outcome += f" ({r['error']})"
+        print(
+            f"{r.get('time')}  {r.get('operation', '?'):<20} {key:<24} "
+            f"{r.get('volume_uuid') or '-':<36}  {outcome}"
+        )
+    return 0
+
+
+# -- rewrap and recovery ---------------------------------------------------------
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    from blockcrypt.volume.rewrap import rewrap_volume
+
+    config = _config(args)
+    audit = AuditLog.in_state_dir(config.state_dir)
+
+    def body(store: ManagedCMKStore) -> int:
+        try:
+            result = rewrap_volume(args.path, store, args.key)
+        except BlockcryptError as exc:
+            audit.record(
+                "Rewrap", outcome="failure", error=exc, details={"path": args.path}
+            )
+            raise
+        audit.record(
+            "Rewrap",
+            key_id=result.new_key_id,
+            key_version=result.new_key_version,
+            volume_uuid=result.volume_uuid,
+            details={
+                "path": args.path,
+                "old_key_id": result.old_key_id,
+                "old_key_version": result.old_key_version,
+                "changed": int(result.changed),
+            },
+        )
+        doc = {
+            "path": args.path,
+            "uuid": result.volume_uuid,
+            "old": {"key_id": result.old_key_id, "key_version": result.old_key_version},
+            "new": {"key_id": result.new_key_id, "key_version": result.new_key_version},
+            "changed": result.changed,
+            "epoch": result.epoch,
+        }
+        if result.changed:
+            text = (
+                f"rewrapped {args.path}: {result.old_key_id} v{result.old_key_version}"
+                f" -> {result.new_key_id} v{result.new_key_version} (epoch "
+                f"{result.epoch}); data area untouched"
+            )
+        else:
+            text = (
+                f"{args.path} is already wrapped by {result.new_key_id} "
+                f"v{result.new_key_version}; nothing to do"
+            )
+        _emit(args, doc, text)
+        return 0
+
+    return _with_store(args, body)
+
+
+def _read_new_passphrase(args: argparse.Namespace) -> bytes:
+    from blockcrypt.config import read_secret_file
+
+    if args.passphrase_file:
+        return read_secret_file(Path(args.passphrase_file)).get_secret_value().encode()
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "no terminal to read the new passphrase from; pass "
+            "--passphrase-file FILE (mode 0600) in scripts"
+        )
+    import getpass
+
+    first = getpass.getpass("New recovery passphrase: ")
+    if first != getpass.getpass("Repeat the passphrase: "):
+        raise ConfigError("the two passphrases differ; nothing was changed")
+    return first.encode()
+
+
+def cmd_add_passphrase(args: argparse.Namespace) -> int:
+    from blockcrypt.recovery import PBKDFOptions, add_passphrase
+
+    passphrase = _read_new_passphrase(args)
+    pbkdf = PBKDFOptions(args.pbkdf, args.pbkdf_force_iterations, args.pbkdf_memory)
+    config = _config(args)
+    audit = AuditLog.in_state_dir(config.state_dir)
+
+    def body(store: ManagedCMKStore) -> int:
+        try:
+            volume_uuid, slot = add_passphrase(args.path, store, passphrase, pbkdf)
+        except BlockcryptError as exc:
+            audit.record(
+                "AddRecoveryPassphrase",
+                outcome="failure",
+                error=exc,
+                details={"path": args.path},
+            )
+            raise
+        audit.record(
+            "AddRecoveryPassphrase",
+            volume_uuid=volume_uuid,
+            details={"path": args.path, "keyslot": slot},
+        )
+        doc = {"path": args.path, "uuid": volume_uuid, "keyslot": slot}
+        _emit(
+            args,
+            doc,
+            f"added passphrase keyslot {slot} to {args.path}; `cryptsetup open` "
+            "now opens it without the HSM",
+        )
+        return 0
+
+    return _with_store(args, body)
+
+
+def cmd_backup_header(args: argparse.Namespace) -> int:
+    from blockcrypt.recovery import backup_header
+
+    volume_uuid = backup_header(args.path, args.out)
+    doc = {"path": args.path, "uuid": volume_uuid, "backup": args.out}
+    _emit(args, doc, f"header of {args.path} ({volume_uuid}) saved to {args.out}")
+    return 0
+
+
+def cmd_restore_header(args: argparse.Namespace) -> int:
+    from blockcrypt.recovery import restore_header
+
+    audit = AuditLog.in_state_dir(_config(args).state_dir)
+    current, saved = restore_header(args.path, args.backup, args.force)
+    audit.record(
+        "RestoreHeader",
+        volume_uuid=saved,
+        details={
+            "path": args.path,
+            "previous_uuid": current,
+            "forced": int(args.force),
+        },
+    )
+    doc = {"path": args.path, "uuid": saved, "previous_uuid": current}
+    _emit(args, doc, f"restored the header of {args.path} from {args.backup}")
+    return 0
+
+
+# -- kernel attach ---------------------------------------------------------------
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from blockcrypt.server import kernel
+
+    _no_core_dumps()
+    index = kernel.device_index(args.device) if args.device else None
+    if not 1 <= args.connections <= 16:
+        raise ConfigError(f"--connections {args.connections}: expected 1 to 16")
+    # Fail before touching the HSM if the kernel side is missing.
+    netlink = kernel.NBDNetlink()
+    try:
+        config = _config(args)
+        audit = AuditLog.in_state_dir(config.state_dir)
+        volume = _attach_volume(args.path, config, audit, args.read_only, "kernel")
+        device = None
+        try:
+            device = _run_attached(args, config, volume, netlink, index)
+        finally:
+            _detach_volume(volume, audit, "kernel", device)
+    finally:
+        netlink.close()
+    return 0
+
+
+def _run_attached(
+    args: argparse.Namespace,
+    config: Config,
+    volume: Volume,
+    netlink: Any,
+    index: int | None,
+) -> str | None:
+    import socket
+    import tempfile
+    import time
+
+    from blockcrypt.server import kernel
+    from blockcrypt.server.daemon import ListenSpec, export_for, serve
+
+    registry = kernel.AttachmentRegistry(config.state_dir)
+    pairs = [socket.socketpair() for _ in range(args.connections)]
+    export = export_for(volume, "")
+    message = kernel.connect_message(
+        [theirs.fileno() for _, theirs in pairs],
+        volume.size,
+        volume.sector_size,
+        int(export.flags),
+        args.timeout,
+        args.dead_conn_timeout,
+        index,
+    )
+    # TODO(#4): serve() always needs a listener; give it one nobody can reach
+    # (bound in a private directory, then unlinked). It can go when serve()
+    # accepts listen=None for kernel-only serving.
+    with tempfile.TemporaryDirectory(prefix="blockcrypt-attach-") as private:
+        hidden = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hidden.bind(os.path.join(private, "unused.sock"))
+        hidden.listen()
+        os.unlink(os.path.join(private, "unused.sock"))
+    listener = hidden.detach()  # serve() owns and closes it
+    device: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        stop = asyncio.Event()
+        served = asyncio.create_task(
+            serve(
+                volume,
+                ListenSpec(activated_fd=listener),
+                on_ready=lambda _uri: ready.set(),
+                preconnected=[ours for ours, _ in pairs],
+                stop=stop,
+            )
+        )
+        await ready.wait()
+        try:
+            # pyroute2 runs its own loop: keep it off ours.
+            chosen = await loop.run_in_executor(None, netlink.connect, message)
+        except BaseException:
+            stop.set()
+            await served
+            raise
+        finally:
+            for _, theirs in pairs:
+                theirs.close()  # the kernel holds its own reference now
+        name = f"/dev/nbd{chosen}"
+        device.append(name)
+        token = volume.header.token
+        registry.add(
+            name,
+            {
+                "device": name,
+                "path": os.path.abspath(volume.path),
+                "volume_uuid": volume.header.uuid,
+                "key_id": token.key_id if token else None,
+                "key_version": token.key_version if token else None,
+                "read_only": volume.read_only,
+                "pid": os.getpid(),
+                "attached": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        print(f"attached {volume.path} as {name}", file=sys.stderr, flush=True)
+        try:
+            await served
+        finally:
+            registry.remove(name, os.getpid())
+            with contextlib.suppress(BlockcryptError):
+                await loop.run_in_executor(None, netlink.disconnect, chosen)
+
+    asyncio.run(main())
+    return device[0] if device else None
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from blockcrypt.server import kernel
+
+    kernel.device_index(args.device)
+    device = args.device if args.device.startswith("/dev/") else "/dev/" + args.device
+    registry = kernel.AttachmentRegistry(_config(args).state_dir)
+    entry = registry.get(device)
+    if entry is None:
+        raise KernelNBDError(
+            f"{device} is not attached by blockcrypt (see `blockcrypt list`); for "
+            f"a device attached by nbd-client use `nbd-client -d {device}`"
+        )
+    # The kernel first: it sends NBD_CMD_DISC and fails what is still queued,
+    # then the serving process flushes, wipes the key and exits.
+    with kernel.NBDNetlink() as netlink:
+        netlink.disconnect(kernel.device_index(device))
+    pid = int(entry["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while registry.get(device) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    doc = {"device": device, "path": entry.get("path"), "pid": pid}
+    _emit(args, doc, f"detached {device} ({entry.get('path')})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from blockcrypt.server import kernel
+
+    entries = kernel.AttachmentRegistry(_config(args).state_dir).list()
+    rows = [entries[d] for d in sorted(entries)]
+    lines = [
+        f"{e['device']}  {e.get('path')}  {e.get('volume_uuid')}  "
+        f"{e.get('key_id')} v{e.get('key_version')}"
+        + ("  read-only" if e.get("read_only") else "")
+        for e in rows
+    ]
+    _emit(args, {"attachments": rows}, "\n".join(lines) or "no attached volumes")
     return 0
 
 
@@ -385,19 +928,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="KMS-wrapped LUKS2 volumes served over NBD.",
     )
     p.add_argument("--version", action="version", version=f"blockcrypt {__version__}")
-    p.add_argument("--state-dir", help="state directory (default: /var/lib/blockcrypt "
-                   "for root, else $XDG_DATA_HOME/blockcrypt; env BLOCKCRYPT_STATE_DIR)")
+    p.add_argument(
+        "--state-dir",
+        help="state directory (default: /var/lib/blockcrypt "
+        "for root, else $XDG_DATA_HOME/blockcrypt; env BLOCKCRYPT_STATE_DIR)",
+    )
     p.add_argument("--config", help="TOML config file (env BLOCKCRYPT_CONFIG)")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="-v for lifecycle logs, -vv for every request")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v for lifecycle logs, -vv for every request",
+    )
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(parser: Any, name: str, func: Callable[..., int], help: str, json_opt: bool = True) -> Any:
+    def add(
+        parser: Any,
+        name: str,
+        func: Callable[..., int],
+        help: str,
+        json_opt: bool = True,
+    ) -> Any:
         sp = parser.add_parser(name, help=help, description=help)
         sp.set_defaults(func=func)
         if json_opt:
-            sp.add_argument("--json", action="store_true", help="machine-readable output")
+            sp.add_argument(
+                "--json", action="store_true", help="machine-readable output"
+            )
         return sp
 
     kms = sub.add_parser("kms", help="customer master keys and data keys")
@@ -407,19 +966,97 @@ def build_parser() -> argparse.ArgumentParser:
     add(ksub, "list-keys", cmd_list_keys, "list the CMKs")
     sp = add(ksub, "describe-key", cmd_describe_key, "show one CMK")
     sp.add_argument("key", help="key id or alias")
-    sp = add(ksub, "create-datakey", cmd_create_datakey,
-             "generate a 64-byte data key and wrap it with a CMK")
+    sp = add(
+        ksub,
+        "create-datakey",
+        cmd_create_datakey,
+        "generate a 64-byte data key and wrap it with a CMK",
+    )
     sp.add_argument("key", help="key id or alias")
-    sp.add_argument("--volume-uuid", help="volume UUID bound into the wrap (default: new)")
-    sp.add_argument("--plaintext-file", help="also write the plaintext key to this new "
-                    "file (mode 0600); without it only the wrapped key is printed")
-    sp = add(ksub, "decrypt-datakey", cmd_decrypt_datakey,
-             "unwrap a data key printed by create-datakey")
+    sp.add_argument(
+        "--volume-uuid", help="volume UUID bound into the wrap (default: new)"
+    )
+    sp.add_argument(
+        "--plaintext-file",
+        help="also write the plaintext key to this new "
+        "file (mode 0600); without it only the wrapped key is printed",
+    )
+    sp = add(
+        ksub,
+        "decrypt-datakey",
+        cmd_decrypt_datakey,
+        "unwrap a data key printed by create-datakey",
+    )
     sp.add_argument("key", help="key id or alias that wrapped it")
-    sp.add_argument("--in", dest="input", help="file with the wrapped key JSON "
-                    "(default: standard input)")
-    sp.add_argument("--plaintext-file", required=True,
-                    help="new file (mode 0600) for the plaintext key")
+    sp.add_argument(
+        "--in",
+        dest="input",
+        help="file with the wrapped key JSON (default: standard input)",
+    )
+    sp.add_argument(
+        "--plaintext-file",
+        required=True,
+        help="new file (mode 0600) for the plaintext key",
+    )
+    for name, func, text in (
+        ("enable-key", cmd_enable_key, "let a disabled CMK wrap and unwrap again"),
+        (
+            "disable-key",
+            cmd_disable_key,
+            "refuse every wrap and unwrap with a CMK; "
+            "attached volumes keep running, the next attach fails",
+        ),
+        (
+            "cancel-key-deletion",
+            cmd_cancel_key_deletion,
+            "stop a scheduled deletion; the key stays Disabled",
+        ),
+        (
+            "rotate-key",
+            cmd_rotate_key,
+            "generate a new key version inside the "
+            "HSM; new data keys use it, older versions still unwrap",
+        ),
+    ):
+        sp = add(ksub, name, func, text)
+        sp.add_argument("key", help="key id or alias")
+    sp = add(
+        ksub,
+        "schedule-key-deletion",
+        cmd_schedule_key_deletion,
+        "destroy a CMK after a waiting period; it is unusable meanwhile",
+    )
+    sp.add_argument("key", help="key id or alias")
+    sp.add_argument(
+        "--pending-window-days",
+        type=int,
+        default=DEFAULT_PENDING_DAYS,
+        metavar="DAYS",
+        help="7 to 1096 (default: 30)",
+    )
+    sp = add(ksub, "add-alias", cmd_add_alias, "give a CMK another alias")
+    sp.add_argument("key", help="key id or alias")
+    sp.add_argument("alias", help="the new alias")
+    sp = add(ksub, "remove-alias", cmd_remove_alias, "remove an alias")
+    sp.add_argument("alias")
+    sp = add(ksub, "rename-alias", cmd_rename_alias, "rename an alias")
+    sp.add_argument("alias")
+    sp.add_argument("new_alias", metavar="NEW_ALIAS")
+    add(
+        ksub,
+        "purge",
+        cmd_purge,
+        "destroy the material of every CMK whose "
+        "deletion date has passed (also run when serve or attach starts)",
+    )
+    sp = add(ksub, "audit", cmd_audit, "show the audit log")
+    sp.add_argument("--key", help="only records of this key id or alias")
+    sp.add_argument("--volume", metavar="UUID", help="only records of this volume")
+    sp.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only records at or after this ISO 8601 time (UTC unless a zone is given)",
+    )
 
     sp = add(sub, "create", cmd_create, "create a new encrypted volume file")
     sp.add_argument("path")
@@ -431,19 +1068,135 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "info", cmd_info, "show a volume's header (never a key)")
     sp.add_argument("path")
 
-    sp = add(sub, "serve", cmd_serve, "serve a volume's plaintext over NBD", json_opt=False)
+    sp = add(
+        sub,
+        "rewrap",
+        cmd_rewrap,
+        "wrap a volume's data key under the newest "
+        "version of its CMK, or under another CMK; rewrites only the header",
+    )
+    sp.add_argument("path")
+    sp.add_argument(
+        "--key", help="CMK id or alias to move to (default: the volume's own CMK)"
+    )
+
+    rec = sub.add_parser("recovery", help="recovery without the HSM")
+    rsub = rec.add_subparsers(
+        dest="recovery_command", required=True, metavar="OPERATION"
+    )
+    sp = add(
+        rsub,
+        "add-passphrase",
+        cmd_add_passphrase,
+        "add a LUKS2 passphrase "
+        "keyslot so that cryptsetup opens the volume without the HSM",
+    )
+    sp.add_argument("path")
+    sp.add_argument(
+        "--passphrase-file",
+        help="read the new passphrase from this "
+        "file (mode 0600; one trailing newline is dropped) instead of "
+        "asking twice on the terminal",
+    )
+    sp.add_argument(
+        "--pbkdf",
+        choices=("argon2id", "argon2i", "pbkdf2"),
+        help="keyslot PBKDF (default: cryptsetup's)",
+    )
+    sp.add_argument(
+        "--pbkdf-force-iterations",
+        type=int,
+        metavar="N",
+        help="skip the benchmark; for tests only",
+    )
+    sp.add_argument(
+        "--pbkdf-memory",
+        type=int,
+        metavar="KIB",
+        help="argon2 memory cost; for tests only",
+    )
+
+    sp = add(
+        sub,
+        "backup-header",
+        cmd_backup_header,
+        "save the volume's LUKS2 header area to a new file (mode 0600)",
+    )
+    sp.add_argument("path")
+    sp.add_argument("out")
+    sp = add(
+        sub,
+        "restore-header",
+        cmd_restore_header,
+        "write a header backup back onto its volume",
+    )
+    sp.add_argument("path")
+    sp.add_argument("backup")
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="restore even if the backup has another volume UUID",
+    )
+
+    sp = add(
+        sub,
+        "attach",
+        cmd_attach,
+        "serve a volume to the kernel as "
+        "/dev/nbdN (needs the nbd module); runs until detach or SIGTERM",
+        json_opt=False,
+    )
+    sp.add_argument("path")
+    sp.add_argument("device", nargs="?", help="/dev/nbdN (default: the first free)")
+    sp.add_argument("--read-only", action="store_true")
+    sp.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="sockets handed to the kernel (default: 1)",
+    )
+    sp.add_argument(
+        "--timeout",
+        type=int,
+        default=30,
+        help="per-request timeout in seconds (default: 30)",
+    )
+    sp.add_argument(
+        "--dead-conn-timeout",
+        type=int,
+        default=60,
+        help="seconds to wait for a dead connection (default: 60)",
+    )
+    sp = add(sub, "detach", cmd_detach, "disconnect a device made by attach")
+    sp.add_argument("device", help="/dev/nbdN")
+    add(sub, "list", cmd_list, "list attached volumes (device, path, key id)")
+
+    sp = add(
+        sub, "serve", cmd_serve, "serve a volume's plaintext over NBD", json_opt=False
+    )
     sp.add_argument("path")
     where = sp.add_mutually_exclusive_group()
-    where.add_argument("--socket", help="Unix socket path, mode 0600 (default: "
-                       "/run/blockcrypt/NAME.sock for root)")
-    where.add_argument("--listen", help="TCP HOST:PORT (a bare PORT means 127.0.0.1); "
-                       "plaintext travels unencrypted")
+    where.add_argument(
+        "--socket",
+        help="Unix socket path, mode 0600 (default: "
+        "/run/blockcrypt/NAME.sock for root)",
+    )
+    where.add_argument(
+        "--listen",
+        help="TCP HOST:PORT (a bare PORT means 127.0.0.1); "
+        "plaintext travels unencrypted",
+    )
     sp.add_argument("--export-name", default="", help="NBD export name (default: '')")
     sp.add_argument("--read-only", action="store_true")
 
-    sp = add(sub, "demo", cmd_demo, "create a key and a volume, serve it, mount an "
-             "ext4 file system on it through nbdfuse, then clean up (needs root)",
-             json_opt=False)
+    sp = add(
+        sub,
+        "demo",
+        cmd_demo,
+        "create a key and a volume, serve it, mount an "
+        "ext4 file system on it through nbdfuse, then clean up (needs root)",
+        json_opt=False,
+    )
     sp.add_argument("--keep", action="store_true", help="keep the demo directory")
     return p
 

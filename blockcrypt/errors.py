@@ -11,10 +11,13 @@ import errno
 __all__ = [
     "BlockcryptError",
     "ConfigError",
+    "AuditLogError",
     "HSMUnavailable",
     "KMSError",
+    "KernelNBDError",
     "KeyNotFound",
     "KeyDisabled",
+    "KeyPendingDeletion",
     "TokenLoginFailed",
     "UnwrapFailed",
     "StorageError",
@@ -61,6 +64,10 @@ class KeyDisabled(KMSError):
     """The customer master key exists but is not usable in its current state."""
 
 
+class KeyPendingDeletion(KeyDisabled):
+    """The customer master key is scheduled for deletion and refuses all use."""
+
+
 class UnwrapFailed(KMSError):
     """The HSM refused to unwrap a data key: wrong CMK, wrong volume or corrupt blob."""
 
@@ -79,3 +86,11 @@ class VolumeBusy(StorageError):
 
 class WrongKey(StorageError):
     """A data key does not match the volume's key digest."""
+
+
+class AuditLogError(BlockcryptError):
+    """The audit log cannot be written or read; the operation is refused."""
+
+
+class KernelNBDError(BlockcryptError):
+    """The kernel's NBD driver is missing or refused a netlink request."""

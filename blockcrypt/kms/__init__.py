@@ -14,16 +14,26 @@ from blockcrypt.kms._base import (
     encryption_context,
 )
 from blockcrypt.kms.embedded import ensure_embedded_token
+from blockcrypt.kms.lifecycle import (
+    KeyCatalog,
+    KeyState,
+    ManagedCMKStore,
+    open_managed_store,
+)
 from blockcrypt.kms.memory import MemoryCMKStore
 from blockcrypt.kms.pkcs11 import PKCS11CMKStore
 
 __all__ = [
     "CMKStore",
     "DataKey",
+    "KeyCatalog",
     "KeyInfo",
+    "KeyState",
+    "ManagedCMKStore",
     "MemoryCMKStore",
     "PKCS11CMKStore",
     "WrappedKey",
     "encryption_context",
     "ensure_embedded_token",
+    "open_managed_store",
 ]

@@ -35,10 +35,12 @@ __all__ = [
     "KEY_ID_PATTERN",
     "KEY_SPEC",
     "KeyInfo",
+    "KeyMaterialStore",
     "WRAP_MECHANISM",
     "WrappedKey",
     "check_alias",
     "check_context",
+    "context_volume",
     "encryption_context",
 ]
 
@@ -69,10 +71,18 @@ class KeyInfo:
     state: str
     backend: str
     token_label: str | None
+    #: Every alias of the key, primary (``alias``) first.
+    aliases: tuple[str, ...] = ()
+    #: The version new data keys are wrapped with; older versions still unwrap.
+    current_version: int = 1
+    #: For a key in state PendingDeletion: when ``kms purge`` may destroy it.
+    deletion_date: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the fields as a JSON-ready dict."""
-        return asdict(self)
+        doc = asdict(self)
+        doc["aliases"] = list(self.aliases)
+        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +137,8 @@ class WrappedKey:
         """Say what is wrong with the record's shape, or return None if nothing is."""
         if self.mechanism != WRAP_MECHANISM:
             return f"mechanism is {self.mechanism!r}; expected {WRAP_MECHANISM!r}"
-        if self.key_version != WRAP_KEY_VERSION:
-            return f"key version is {self.key_version}; expected {WRAP_KEY_VERSION}"
+        if self.key_version < WRAP_KEY_VERSION:
+            return f"key version is {self.key_version}; expected 1 or more"
         if len(self.iv) != GCM_IV_SIZE:
             return f"IV is {len(self.iv)} bytes; expected {GCM_IV_SIZE}"
         if len(self.ciphertext) != WRAPPED_SIZE:
@@ -185,6 +195,22 @@ def encryption_context(volume_uuid: str, format_version: int, key_id: str) -> by
     }
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return _CONTEXT_PREFIX + text.encode("ascii")
+
+
+def context_volume(context: bytes) -> str | None:
+    """Return the volume UUID inside an :func:`encryption_context`, or None.
+
+    Used to name the volume in audit records; a context in another form
+    yields None rather than an error.
+    """
+    if not bytes(context).startswith(_CONTEXT_PREFIX):
+        return None
+    try:
+        body = json.loads(bytes(context)[len(_CONTEXT_PREFIX) :])
+    except ValueError:
+        return None
+    value = body.get("volume_uuid") if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def check_alias(alias: object) -> str:
@@ -252,6 +278,23 @@ def key_not_found_message(key: str, where: str) -> str:
     )
 
 
+def version_not_found_message(key_id: str, version: int, where: str) -> str:
+    """Return the KeyNotFound text for a key version whose material is gone."""
+    return (
+        f"customer master key {key_id} has no version {version} {where}; the "
+        "data key was wrapped by a version that does not exist here (restored "
+        "from another token, or its material was destroyed)"
+    )
+
+
+def alias_matches(info: KeyInfo, alias: str) -> bool:
+    """Return whether a backend's key record answers to ``alias``.
+
+    An empty stored alias (the key's aliases were all removed) matches nothing.
+    """
+    return bool(info.alias) and info.alias == alias
+
+
 def unwrap_failed_message(key_id: str, alias: str | None, detail: str) -> str:
     """Return the UnwrapFailed text for a blob that CMK ``key_id`` refused."""
     name = f"{key_id} ({alias!r})" if alias else key_id
@@ -290,12 +333,22 @@ class CMKStore(Protocol):
         """
         ...
 
-    def create_datakey(self, key: str, context: bytes) -> DataKey:
+    def create_datakey(
+        self, key: str, context: bytes, version: int | None = None
+    ) -> DataKey:
         """Draw a new 64-byte DEK and wrap it under the CMK with ``context`` as AAD.
 
+        ``version`` picks the key version that wraps; None means the newest.
+
         Raises:
-            KeyNotFound: no CMK matches ``key``.
+            KeyNotFound: no CMK (or no such version) matches ``key``.
         """
+        ...
+
+    def encrypt_datakey(
+        self, key: str, plaintext: XTSKey, context: bytes, version: int | None = None
+    ) -> WrappedKey:
+        """Wrap an existing DEK under the CMK (for rewrap); see create_datakey."""
         ...
 
     def decrypt_datakey(self, wrapped: WrappedKey, context: bytes) -> XTSKey:
@@ -310,4 +363,33 @@ class CMKStore(Protocol):
 
     def close(self) -> None:
         """Release the store's resources; later calls fail."""
+        ...
+
+
+class KeyMaterialStore(CMKStore, Protocol):
+    """What a backend offers beyond :class:`CMKStore`: the key material itself.
+
+    The lifecycle layer (:mod:`blockcrypt.kms.lifecycle`) keeps states,
+    aliases and deletion dates; a backend only makes, lists and destroys the
+    material of each key version, which never leaves it.
+    """
+
+    def key_versions(self, key_id: str) -> list[int]:
+        """Return the versions whose material exists for ``key_id``, ascending."""
+        ...
+
+    def create_key_version(self, key_id: str, version: int) -> None:
+        """Generate the material of ``version`` inside the backend.
+
+        Idempotent: material that already exists for that version (left by a
+        crash before the catalog recorded it, so never used) is kept.
+        """
+        ...
+
+    def set_primary_alias(self, key_id: str, alias: str) -> None:
+        """Record ``alias`` (or "" for none) as the name stored with the key."""
+        ...
+
+    def destroy_key(self, key_id: str) -> None:
+        """Destroy every version of the key, for good; a missing key is fine."""
         ...

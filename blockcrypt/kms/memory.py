@@ -12,6 +12,7 @@ implementation of what the HSM does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -31,11 +32,13 @@ from blockcrypt.kms._base import (
     DataKey,
     KeyInfo,
     WrappedKey,
+    alias_matches,
     check_alias,
     check_context,
     draw_dek,
     key_not_found_message,
     unwrap_failed_message,
+    version_not_found_message,
 )
 
 __all__ = ["MemoryCMKStore"]
@@ -48,7 +51,7 @@ def _utc_now() -> datetime:
 
 
 class MemoryCMKStore:
-    """A :class:`~blockcrypt.kms.CMKStore` that keeps its CMKs in a dict.
+    """A :class:`~blockcrypt.kms.KeyMaterialStore` that keeps its CMKs in a dict.
 
     Args:
         random_bytes: source of key ids, CMKs, DEKs and IVs (``os.urandom`` by
@@ -64,7 +67,8 @@ class MemoryCMKStore:
         self._random = random_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self._keys: dict[str, tuple[KeyInfo, AESGCM]] = {}
+        # key id -> (KeyInfo, {version: AES-GCM key})
+        self._keys: dict[str, tuple[KeyInfo, dict[int, AESGCM]]] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -85,7 +89,7 @@ class MemoryCMKStore:
             key_id = "cmk-" + self._random(8).hex()
             created = self._clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             info = KeyInfo(key_id, alias, created, KEY_SPEC, "Enabled", "memory", None)
-            self._keys[key_id] = (info, AESGCM(self._random(32)))
+            self._keys[key_id] = (info, {WRAP_KEY_VERSION: AESGCM(self._random(32))})
             return info
 
     def list_keys(self) -> list[KeyInfo]:
@@ -98,27 +102,40 @@ class MemoryCMKStore:
         with self._lock:
             return self._find(key)[0]
 
-    def create_datakey(self, key: str, context: bytes) -> DataKey:
+    def create_datakey(
+        self, key: str, context: bytes, version: int | None = None
+    ) -> DataKey:
         check_context(context)
         with self._lock:
-            info, cmk = self._find(key)
+            info, versions = self._find(key)
+            number, cmk = self._version(info, versions, version)
             dek = draw_dek(self._random, "the memory store")
             iv = self._random(GCM_IV_SIZE)
             ciphertext = cmk.encrypt(iv, bytes(dek), bytes(context))
-        wrapped = WrappedKey(
-            info.key_id, WRAP_KEY_VERSION, WRAP_MECHANISM, iv, ciphertext
-        )
+        wrapped = WrappedKey(info.key_id, number, WRAP_MECHANISM, iv, ciphertext)
         return DataKey(dek, wrapped)
+
+    def encrypt_datakey(
+        self, key: str, plaintext: XTSKey, context: bytes, version: int | None = None
+    ) -> WrappedKey:
+        check_context(context)
+        with self._lock:
+            info, versions = self._find(key)
+            number, cmk = self._version(info, versions, version)
+            iv = self._random(GCM_IV_SIZE)
+            ciphertext = cmk.encrypt(iv, bytes(plaintext), bytes(context))
+        return WrappedKey(info.key_id, number, WRAP_MECHANISM, iv, ciphertext)
 
     def decrypt_datakey(self, wrapped: WrappedKey, context: bytes) -> XTSKey:
         check_context(context)
         with self._lock:
-            info, cmk = self._find(wrapped.key_id)
+            info, versions = self._find(wrapped.key_id)
             problem = wrapped.format_problem()
             if problem is not None:
                 raise UnwrapFailed(
                     unwrap_failed_message(info.key_id, info.alias, problem)
                 )
+            _, cmk = self._version(info, versions, wrapped.key_version)
             try:
                 plaintext = bytearray(
                     cmk.decrypt(wrapped.iv, wrapped.ciphertext, bytes(context))
@@ -138,6 +155,28 @@ class MemoryCMKStore:
         finally:
             plaintext[:] = bytes(len(plaintext))
 
+    # -- KeyMaterialStore ----------------------------------------------------
+
+    def key_versions(self, key_id: str) -> list[int]:
+        with self._lock:
+            return sorted(self._find(key_id)[1])
+
+    def create_key_version(self, key_id: str, version: int) -> None:
+        with self._lock:
+            versions = self._find(key_id)[1]
+            if version not in versions:
+                versions[version] = AESGCM(self._random(32))
+
+    def set_primary_alias(self, key_id: str, alias: str) -> None:
+        with self._lock:
+            info, versions = self._find(key_id)
+            self._keys[key_id] = (dataclasses.replace(info, alias=alias), versions)
+
+    def destroy_key(self, key_id: str) -> None:
+        with self._lock:
+            self._check_open()
+            self._keys.pop(key_id, None)
+
     def close(self) -> None:
         with self._lock:
             self._keys.clear()
@@ -147,12 +186,23 @@ class MemoryCMKStore:
         if self._closed:
             raise KMSError("the memory CMK store is closed")
 
-    def _find(self, key: str) -> tuple[KeyInfo, AESGCM]:
+    def _find(self, key: str) -> tuple[KeyInfo, dict[int, AESGCM]]:
         self._check_open()
         if KEY_ID_PATTERN.fullmatch(key):
             entry = self._keys.get(key)
         else:
-            entry = next((e for e in self._keys.values() if e[0].alias == key), None)
+            entry = next(
+                (e for e in self._keys.values() if alias_matches(e[0], key)), None
+            )
         if entry is None:
             raise KeyNotFound(key_not_found_message(key, _WHERE))
         return entry
+
+    @staticmethod
+    def _version(
+        info: KeyInfo, versions: dict[int, AESGCM], version: int | None
+    ) -> tuple[int, AESGCM]:
+        number = max(versions) if version is None else version
+        if number not in versions:
+            raise KeyNotFound(version_not_found_message(info.key_id, number, _WHERE))
+        return number, versions[number]

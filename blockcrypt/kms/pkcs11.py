@@ -25,8 +25,14 @@ CMK layout on the token, per key id ``cmk-<16 hex>``:
   ``CKA_LABEL = "blockcrypt:<key id>"``, ``CKA_ID = <key id as ASCII>``;
 * a data object (CKO_DATA): token object, private, same label,
   ``CKA_APPLICATION = "blockcrypt-cmk-metadata"``, ``CKA_VALUE`` = JSON with
-  the alias and the creation time. The metadata object is written before the
-  key, so a key never exists without its alias.
+  the primary alias and the creation time. The metadata object is written
+  before the key, so a key never exists without its alias.
+* for each later key version N >= 2 (``kms rotate-key``), another AES-256 key
+  with the same template, ``CKA_LABEL = "blockcrypt:<key id>/v<N>"`` and
+  ``CKA_ID`` the same text. Version 1 is the first key above.
+
+States, aliases and deletion dates live in the lifecycle catalog
+(:mod:`blockcrypt.kms.lifecycle`), not on the token.
 """
 
 from __future__ import annotations
@@ -62,16 +68,17 @@ from blockcrypt.kms._base import (
     GCM_IV_SIZE,
     KEY_ID_PATTERN,
     KEY_SPEC,
-    WRAP_KEY_VERSION,
     WRAP_MECHANISM,
     DataKey,
     KeyInfo,
     WrappedKey,
+    alias_matches,
     check_alias,
     check_context,
     draw_dek,
     key_not_found_message,
     unwrap_failed_message,
+    version_not_found_message,
 )
 
 __all__ = ["PKCS11CMKStore", "use_softhsm2_conf"]
@@ -287,6 +294,8 @@ class PKCS11CMKStore:
         self._closed = False
         # key id -> (KeyInfo, key object); touched only under _LOCK.
         self._cache: dict[str, tuple[KeyInfo, Any]] = {}
+        # (key id, version >= 2) -> key object; touched only under _LOCK.
+        self._versions: dict[tuple[str, int], Any] = {}
 
     @classmethod
     def open(cls, config: PKCS11Config) -> PKCS11CMKStore:
@@ -359,12 +368,15 @@ class PKCS11CMKStore:
             except p11.PKCS11Error as exc:
                 raise self._translate(exc, f"look up key {key!r}") from exc
 
-    def create_datakey(self, key: str, context: bytes) -> DataKey:
+    def create_datakey(
+        self, key: str, context: bytes, version: int | None = None
+    ) -> DataKey:
         check_context(context)
         with _LOCK:
             session = self._session()
             try:
-                info, cmk = self._resolve(session, key)
+                info, first = self._resolve(session, key)
+                number, cmk = self._version_object(session, info, first, version)
                 self._check_capability(info, cmk, "encrypt")
 
                 def random_bytes(n: int) -> bytes:
@@ -378,24 +390,44 @@ class PKCS11CMKStore:
                 )
             except p11.PKCS11Error as exc:
                 raise self._translate(exc, f"wrap a DEK with key {key!r}") from exc
-        wrapped = WrappedKey(
-            info.key_id, WRAP_KEY_VERSION, WRAP_MECHANISM, iv, bytes(ciphertext)
-        )
+        wrapped = WrappedKey(info.key_id, number, WRAP_MECHANISM, iv, bytes(ciphertext))
         return DataKey(dek, wrapped)
+
+    def encrypt_datakey(
+        self, key: str, plaintext: XTSKey, context: bytes, version: int | None = None
+    ) -> WrappedKey:
+        check_context(context)
+        with _LOCK:
+            session = self._session()
+            try:
+                info, first = self._resolve(session, key)
+                number, cmk = self._version_object(session, info, first, version)
+                self._check_capability(info, cmk, "encrypt")
+                iv = bytes(session.generate_random(GCM_IV_SIZE * 8))
+                params = GCMParams(iv, bytes(context), _TAG_BITS)
+                ciphertext = cmk.encrypt(
+                    bytes(plaintext),
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=params,
+                )
+            except p11.PKCS11Error as exc:
+                raise self._translate(exc, f"wrap a DEK with key {key!r}") from exc
+        return WrappedKey(info.key_id, number, WRAP_MECHANISM, iv, bytes(ciphertext))
 
     def decrypt_datakey(self, wrapped: WrappedKey, context: bytes) -> XTSKey:
         check_context(context)
         with _LOCK:
             session = self._session()
             try:
-                info, cmk = self._resolve(session, wrapped.key_id)
+                info, first = self._resolve(session, wrapped.key_id)
+                problem = wrapped.format_problem()
+                if problem is not None:
+                    raise UnwrapFailed(
+                        unwrap_failed_message(info.key_id, info.alias, problem)
+                    )
+                _, cmk = self._version_object(session, info, first, wrapped.key_version)
             except p11.PKCS11Error as exc:
                 raise self._translate(exc, f"look up key {wrapped.key_id!r}") from exc
-            problem = wrapped.format_problem()
-            if problem is not None:
-                raise UnwrapFailed(
-                    unwrap_failed_message(info.key_id, info.alias, problem)
-                )
             self._check_capability(info, cmk, "decrypt")
             params = GCMParams(wrapped.iv, bytes(context), _TAG_BITS)
             try:
@@ -421,6 +453,63 @@ class PKCS11CMKStore:
             ) from exc
         finally:
             plaintext[:] = bytes(len(plaintext))
+
+    # -- KeyMaterialStore ----------------------------------------------------
+
+    def key_versions(self, key_id: str) -> list[int]:
+        with _LOCK:
+            session = self._session()
+            try:
+                return sorted(self._version_objects(session, key_id))
+            except p11.PKCS11Error as exc:
+                raise self._translate(exc, f"list the versions of {key_id}") from exc
+
+    def create_key_version(self, key_id: str, version: int) -> None:
+        with _LOCK:
+            session = self._session()
+            try:
+                if version in self._version_objects(session, key_id):
+                    return
+                if version < 2:
+                    raise KMSError(f"key version {version} cannot be created again")
+                self._generate_cmk(session, _version_label(key_id, version))
+            except p11.PKCS11Error as exc:
+                raise self._translate(
+                    exc, f"create version {version} of {key_id}"
+                ) from exc
+        logger.info("key version created: key_id %s, version %d", key_id, version)
+
+    def set_primary_alias(self, key_id: str, alias: str) -> None:
+        with _LOCK:
+            session = self._session()
+            try:
+                self._write_alias(session, key_id, alias)
+            except p11.PKCS11Error as exc:
+                raise self._translate(exc, f"rename key {key_id}") from exc
+            self._cache.pop(key_id, None)
+
+    def destroy_key(self, key_id: str) -> None:
+        with _LOCK:
+            session = self._session()
+            try:
+                # Material first, then the metadata: never a key without its name.
+                for obj in self._version_objects(session, key_id).values():
+                    obj.destroy()
+                query = {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.APPLICATION: METADATA_APPLICATION,
+                    Attribute.LABEL: LABEL_PREFIX + key_id,
+                }
+                for obj in list(session.get_objects(query)):
+                    obj.destroy()
+            except p11.PKCS11Error as exc:
+                raise self._translate(exc, f"destroy key {key_id}") from exc
+            finally:
+                self._cache.pop(key_id, None)
+                self._versions = {
+                    k: v for k, v in self._versions.items() if k[0] != key_id
+                }
+        logger.info("key destroyed: key_id %s", key_id)
 
     def close(self) -> None:
         with _LOCK:
@@ -489,7 +578,10 @@ class PKCS11CMKStore:
                     self._config.token_label,
                 )
                 continue
-            if obj[Attribute.LABEL] == LABEL_PREFIX + record_id:
+            if obj[Attribute.LABEL] != LABEL_PREFIX + record_id:
+                continue
+            kept = found.get(record_id)
+            if kept is None or kept.get("revision", 0) < record.get("revision", 0):
                 found[record_id] = record
         return found
 
@@ -543,7 +635,7 @@ class PKCS11CMKStore:
                 self._cache[key] = entry
                 return entry
         else:
-            matches = [e for e in self._scan(session) if e[0].alias == key]
+            matches = [e for e in self._scan(session) if alias_matches(e[0], key)]
             if len(matches) > 1:
                 ids = ", ".join(e[0].key_id for e in matches)
                 raise KMSError(
@@ -573,7 +665,7 @@ class PKCS11CMKStore:
             )
 
     def _create_key(self, session: Any, alias: str) -> KeyInfo:
-        if any(info.alias == alias for info, _ in self._scan(session)):
+        if any(alias_matches(info, alias) for info, _ in self._scan(session)):
             raise KMSError(self._duplicate_message(alias))
 
         key_id = "cmk-" + bytes(session.generate_random(64)).hex()
@@ -586,33 +678,9 @@ class PKCS11CMKStore:
             "created": created,
             "key_spec": KEY_SPEC,
         }
-        metadata = session.create_object(
-            {
-                Attribute.CLASS: ObjectClass.DATA,
-                Attribute.TOKEN: True,
-                Attribute.PRIVATE: True,
-                Attribute.MODIFIABLE: True,
-                Attribute.LABEL: label,
-                Attribute.APPLICATION: METADATA_APPLICATION,
-                Attribute.VALUE: json.dumps(record, sort_keys=True).encode("utf-8"),
-            }
-        )
+        metadata = self._create_metadata(session, key_id, record)
         try:
-            cmk = session.generate_key(
-                KeyType.AES,
-                256,
-                id=key_id.encode("ascii"),
-                label=label,
-                store=True,
-                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                template={
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.MODIFIABLE: False,
-                },
-            )
+            cmk = self._generate_cmk(session, label)
         except BaseException:
             _destroy_quietly(metadata)
             raise
@@ -620,12 +688,106 @@ class PKCS11CMKStore:
         # Aliases are unique across processes too: if another process created
         # the same alias at the same moment, both may see it here and both
         # back out, which is safe; neither can miss the other.
-        rivals = [i for i, _ in self._scan(session) if i.alias == alias]
+        rivals = [i for i, _ in self._scan(session) if alias_matches(i, alias)]
         if len(rivals) > 1:
             _destroy_quietly(cmk)
             _destroy_quietly(metadata)
             raise KMSError(self._duplicate_message(alias))
         return self._info(key_id, record)
+
+    @staticmethod
+    def _generate_cmk(session: Any, label: str) -> Any:
+        # CKA_ID is the label without the prefix: the key id, or "<id>/v<N>".
+        return session.generate_key(
+            KeyType.AES,
+            256,
+            id=label[len(LABEL_PREFIX) :].encode("ascii"),
+            label=label,
+            store=True,
+            capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+            template={
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.MODIFIABLE: False,
+            },
+        )
+
+    def _version_objects(self, session: Any, key_id: str) -> dict[int, Any]:
+        """Return {version: key object} for every version of ``key_id``."""
+        found: dict[int, Any] = {}
+        first = self._find_key_objects(session, key_id).get(key_id)
+        if first is not None:
+            found[1] = first
+        query = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+        }
+        prefix = _version_label(key_id, 2)[:-1]
+        for obj in list(session.get_objects(query)):
+            label = obj[Attribute.LABEL]
+            suffix = label[len(prefix) :] if label.startswith(prefix) else ""
+            if suffix.isdigit() and int(suffix) >= 2:
+                if bytes(obj[Attribute.ID]) == label[len(LABEL_PREFIX) :].encode():
+                    found[int(suffix)] = obj
+        return found
+
+    def _version_object(
+        self, session: Any, info: KeyInfo, first: Any, version: int | None
+    ) -> tuple[int, Any]:
+        if version is None:
+            version = max(self._version_objects(session, info.key_id))
+        if version == 1:
+            return 1, first
+        cached = self._versions.get((info.key_id, version))
+        if cached is not None and self._still_there(cached):
+            return version, cached
+        label = _version_label(info.key_id, version)
+        query = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.LABEL: label,
+            Attribute.ID: label[len(LABEL_PREFIX) :].encode("ascii"),
+        }
+        objs = list(session.get_objects(query))
+        if len(objs) != 1:
+            raise KeyNotFound(
+                version_not_found_message(info.key_id, version, self._where())
+            )
+        self._versions[(info.key_id, version)] = objs[0]
+        return version, objs[0]
+
+    def _write_alias(self, session: Any, key_id: str, alias: str) -> None:
+        # SoftHSM refuses C_SetAttributeValue on CKA_VALUE (AttributeReadOnly),
+        # so write a new record with a higher revision, then drop the old
+        # ones; after a crash in between, the reader keeps the newest.
+        query = {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.APPLICATION: METADATA_APPLICATION,
+            Attribute.LABEL: LABEL_PREFIX + key_id,
+        }
+        old = list(session.get_objects(query))
+        record = self._read_metadata(session, key_id).get(key_id)
+        if record is None:
+            raise KeyNotFound(key_not_found_message(key_id, self._where()))
+        record = {**record, "alias": alias, "revision": record.get("revision", 0) + 1}
+        self._create_metadata(session, key_id, record)
+        for obj in old:
+            obj.destroy()
+
+    @staticmethod
+    def _create_metadata(session: Any, key_id: str, record: dict[str, Any]) -> Any:
+        return session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.MODIFIABLE: True,
+                Attribute.LABEL: LABEL_PREFIX + key_id,
+                Attribute.APPLICATION: METADATA_APPLICATION,
+                Attribute.VALUE: json.dumps(record, sort_keys=True).encode("utf-8"),
+            }
+        )
 
     def _duplicate_message(self, alias: str) -> str:
         return (
@@ -649,6 +811,12 @@ class PKCS11CMKStore:
             f"cannot {action} {where}: the PKCS#11 call failed "
             f"({type(exc).__name__}: {exc})"
         )
+
+
+def _version_label(key_id: str, version: int) -> str:
+    if version == 1:
+        return LABEL_PREFIX + key_id
+    return f"{LABEL_PREFIX}{key_id}/v{version}"
 
 
 def _destroy_quietly(obj: Any) -> None:

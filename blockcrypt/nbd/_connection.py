@@ -525,6 +525,8 @@ class NBDServerConnection:
         assert export is not None
         if command is None:
             return Errno.EINVAL, f"unknown command type {kind}"
+        if command in _WRITING and export.flags & TransmissionFlag.READ_ONLY:
+            return Errno.EPERM, "export is read-only"
         allowed = self._allowed.get(command)
         if allowed is None:
             if command is Command.BLOCK_STATUS:
@@ -535,8 +537,6 @@ class NBDServerConnection:
         needed = _NEEDS_FLAG.get(command)
         if needed is not None and not export.flags & needed:
             return Errno.EINVAL, f"{command.name} was not advertised"
-        if command in _WRITING and export.flags & TransmissionFlag.READ_ONLY:
-            return Errno.EPERM, "export is read-only"
         if command is Command.FLUSH:
             if offset or length:
                 return Errno.EINVAL, "FLUSH must have offset and length 0"

@@ -44,12 +44,19 @@ access = logging.getLogger("blockcrypt.access")
 _INLINE_MAX = 64 * 1024
 #: Requests in the thread pool per connection before we stop reading from it.
 _MAX_IN_FLIGHT = 32
+#: READ/WRITE bytes in the thread pool per connection before we stop reading.
+_MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+#: Reply bytes gathered in one batch before they are written out.
+_MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: Seconds a client gets to finish the handshake.
+HANDSHAKE_TIMEOUT = 30.0
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _ids = itertools.count(1)
 _FUA = int(CommandFlag.FUA)
 _NO_HOLE = int(CommandFlag.NO_HOLE)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
+_PAYLOAD_COMMANDS = frozenset({Command.READ, Command.WRITE})
 
 
 class ClientSession(asyncio.Protocol):
@@ -68,6 +75,10 @@ class ClientSession(asyncio.Protocol):
         self._proto = NBDServerConnection([export], preinit=preinit)
         self._transport: asyncio.Transport | None = None
         self._in_flight = 0
+        self._in_flight_bytes = 0
+        self._jobs: set[asyncio.Future[object]] = set()
+        self._batch_bytes = 0
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False  # no more requests will be read
@@ -93,7 +104,21 @@ class ClientSession(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         peer = transport.get_extra_info("peername") or "unix"
         log.info("client connected", extra={"conn": self.id, "peer": str(peer)})
+        if self._proto.export is None:
+            loop = asyncio.get_running_loop()
+            self._handshake_timer = loop.call_later(
+                HANDSHAKE_TIMEOUT, self._handshake_expired
+            )
         self._flush_proto()
+
+    def _handshake_expired(self) -> None:
+        log.warning(
+            "handshake not finished in time; closing",
+            extra={"conn": self.id, "timeout": HANDSHAKE_TIMEOUT},
+        )
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -109,6 +134,10 @@ class ClientSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        for job in list(self._jobs):
+            job.cancel()  # work not started yet is dropped; nobody is listening
         if not self.done.done():
             self.done.set_result(None)
         log.info("client disconnected", extra={"conn": self.id})
@@ -119,7 +148,7 @@ class ClientSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._update_reading()
+        self._pump()  # requests may be waiting in the parser's buffer
 
     def abort(self) -> None:
         """Drop the connection now, replies or not (end of shutdown)."""
@@ -134,29 +163,54 @@ class ClientSession(asyncio.Protocol):
 
     # -- event handling -------------------------------------------------------
 
+    def _must_wait(self) -> bool:
+        """Whether to stop taking requests until replies drain or work finishes."""
+        return (
+            self._writing_paused
+            or self._in_flight >= _MAX_IN_FLIGHT
+            or self._in_flight_bytes >= _MAX_IN_FLIGHT_BYTES
+            or self._batch_bytes >= _MAX_BATCH_BYTES
+        )
+
     def _pump(self) -> None:
+        """Handle buffered requests until the parser needs data or we must wait."""
+        more = True
+        while more and not self._closing:
+            more = self._pump_batch()
+        self._flush_proto()
+        self._update_reading()
+        self._maybe_close()
+
+    def _pump_batch(self) -> bool:
+        """Handle requests, writing their replies in one go; True if cut short."""
         proto = self._proto
         self._batch = []
+        self._batch_bytes = 0
         try:
             while not self._closing:
+                if self._must_wait():
+                    return self._batch_bytes >= _MAX_BATCH_BYTES and not (
+                        self._writing_paused
+                    )
                 event = proto.next_event()
                 if event is NEED_DATA:
-                    break
+                    return False
                 if type(event) is Request:
                     self._dispatch(event)
                 else:
                     self._other_event(event)
+            return False
         except RemoteProtocolError as exc:
             log.warning(
                 "client broke the protocol; closing",
                 extra={"conn": self.id, "reason": str(exc)},
             )
             self._closing = True
+            return False
         finally:
             batch, self._batch = self._batch, None
+            self._batch_bytes = 0
             self._write_all(batch)
-        self._flush_proto()
-        self._maybe_close()
 
     def _write_all(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         transport = self._transport
@@ -184,6 +238,9 @@ class ClientSession(asyncio.Protocol):
                 extra={"conn": self.id, "option": event.option, "reason": event.reason},
             )
         elif isinstance(event, ExportChosen):
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+                self._handshake_timer = None
             log.info(
                 "transmission started",
                 extra={"conn": self.id, "export": event.export.name},
@@ -239,22 +296,29 @@ class ClientSession(asyncio.Protocol):
         self, req: Request, func: Callable[..., object], args: tuple[object, ...]
     ) -> None:
         loop = asyncio.get_running_loop()
+        weight = req.length if req.command in _PAYLOAD_COMMANDS else 0
         self._in_flight += 1
-        self._update_reading()
+        self._in_flight_bytes += weight
         future = loop.run_in_executor(self._executor, func, *args)
-        future.add_done_callback(lambda f: self._pool_done(req, f))
+        self._jobs.add(future)
+        future.add_done_callback(lambda f: self._pool_done(req, weight, f))
 
     def _pool_done(
-        self, req: Request, future: Future[object] | asyncio.Future[object]
+        self, req: Request, weight: int, future: Future[object] | asyncio.Future[object]
     ) -> None:
+        self._jobs.discard(future)  # type: ignore[arg-type]
         self._in_flight -= 1
-        exc = future.exception()
-        if exc is not None:
+        self._in_flight_bytes -= weight
+        if future.cancelled():
+            pass
+        elif (exc := future.exception()) is not None:
             self._reply(req, self._error_for(req, exc), None)
         else:
             self._reply(req, Errno.OK, future.result())
-        self._update_reading()
-        self._maybe_close()
+        if self._closing:
+            self._maybe_close()
+        else:
+            self._pump()  # a slot is free: take buffered requests
 
     def _error_for(self, req: Request, exc: BaseException) -> Errno:
         if isinstance(exc, BlockcryptError):
@@ -310,6 +374,7 @@ class ClientSession(asyncio.Protocol):
             batch.append(header)
             if data is not None:
                 batch.append(data)  # type: ignore[arg-type]
+                self._batch_bytes += len(data)  # type: ignore[arg-type]
             return
         # Nothing else runs between these two writes: the loop is single-threaded.
         transport.write(header)
@@ -325,7 +390,7 @@ class ClientSession(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self._writing_paused or self._in_flight >= _MAX_IN_FLIGHT
+        want_pause = self._must_wait()
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True

@@ -32,6 +32,10 @@ _WRITE_FLAGS = (
     | TransmissionFlag.SEND_WRITE_ZEROES
     | TransmissionFlag.SEND_FAST_ZERO
 )
+#: Clients served at once; more wait in the listen backlog.
+DEFAULT_MAX_CONNECTIONS = 256
+#: Signals that start a clean shutdown (SIGHUP: the terminal went away).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Seconds in-flight requests get to finish once shutdown starts.
 _DRAIN_TIMEOUT = 30.0
 _SD_LISTEN_FDS_START = 3
@@ -103,6 +107,7 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     preconnected: Sequence[socket.socket] = (),
     stop: asyncio.Event | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Serve ``volume`` until SIGTERM or SIGINT, then shut down in stages.
 
@@ -114,6 +119,7 @@ async def serve(
     executor = ThreadPoolExecutor(max_workers=max(4, (os.cpu_count() or 1) * 2))
     loop = asyncio.get_running_loop()
     _warn_if_slow_cipher()
+    _warn_if_tcp(listen)
 
     # Each worker thread runs its own event loop; connections are spread over
     # them so that several clients (multi-conn) use several cores.
@@ -121,10 +127,10 @@ async def serve(
     listener = _listening_socket(listen)
     for i, sock in enumerate(preconnected):
         workers[i % len(workers)].adopt(sock, preinit=True)
-    accepting = asyncio.create_task(_accept(loop, listener, workers))
+    accepting = asyncio.create_task(_accept(loop, listener, workers, max_connections))
 
     stop = stop or asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     log.info(
         "listening",
@@ -141,7 +147,7 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
         await _shutdown(accepting, listener, workers, listen)
         executor.shutdown(wait=True)
@@ -171,17 +177,43 @@ async def _shutdown(
 
 
 async def _accept(
-    loop: asyncio.AbstractEventLoop, listener: socket.socket, workers: list[_Worker]
+    loop: asyncio.AbstractEventLoop,
+    listener: socket.socket,
+    workers: list[_Worker],
+    max_connections: int,
 ) -> None:
     turn = itertools.cycle(workers)
+    last_warning = -60.0
+    active = 0
+    slot_freed = asyncio.Event()
+
+    def closed() -> None:  # runs on this loop when a session ends
+        nonlocal active
+        active -= 1
+        slot_freed.set()
+
     while True:
+        # At the limit, leave new clients waiting in the listen backlog.
+        while active >= max_connections:
+            if loop.time() - last_warning > 60:
+                log.warning(
+                    "connection limit reached", extra={"limit": max_connections}
+                )
+                last_warning = loop.time()
+            slot_freed.clear()
+            await slot_freed.wait()
         try:
             conn, _ = await loop.sock_accept(listener)
         except OSError as exc:
-            log.warning("accept failed", extra={"reason": str(exc)})
+            # Out of file descriptors, most likely: say so once a minute, not
+            # once per attempt, and give clients time to go away.
+            if loop.time() - last_warning > 60:
+                log.warning("cannot accept connections", extra={"reason": str(exc)})
+                last_warning = loop.time()
             await asyncio.sleep(0.1)
             continue
-        next(turn).adopt(conn)
+        active += 1
+        next(turn).adopt(conn, on_close=lambda: loop.call_soon_threadsafe(closed))
 
 
 class _Worker:
@@ -204,15 +236,31 @@ class _Worker:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def adopt(self, sock: socket.socket, preinit: bool = False) -> None:
-        """Serve ``sock`` on this worker (callable from any thread)."""
-        asyncio.run_coroutine_threadsafe(self._adopt(sock, preinit), self.loop)
+    def adopt(
+        self,
+        sock: socket.socket,
+        preinit: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve ``sock`` on this worker (callable from any thread).
 
-    async def _adopt(self, sock: socket.socket, preinit: bool) -> None:
+        ``on_close`` runs in this worker's thread when the connection ends.
+        """
+        coro = self._adopt(sock, preinit, on_close or (lambda: None))
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def _adopt(
+        self, sock: socket.socket, preinit: bool, on_close: Callable[[], None]
+    ) -> None:
         def factory() -> ClientSession:
             session = ClientSession(self._volume, self._export, self._executor, preinit)
             self.sessions.add(session)
-            session.done.add_done_callback(lambda _: self.sessions.discard(session))
+
+            def ended(_: object) -> None:
+                self.sessions.discard(session)
+                on_close()
+
+            session.done.add_done_callback(ended)
             return session
 
         try:
@@ -220,6 +268,7 @@ class _Worker:
         except OSError as exc:
             log.warning("could not serve a connection", extra={"reason": str(exc)})
             sock.close()
+            on_close()
 
     async def drain(self, timeout: float) -> None:
         """Stop this worker's sessions, waiting up to ``timeout`` for replies."""
@@ -261,6 +310,23 @@ def _warn_if_slow_cipher() -> None:
         print(f"blockcrypt: WARNING: {message}", file=sys.stderr, flush=True)
 
 
+def _warn_if_tcp(listen: ListenSpec) -> None:
+    if listen.host is None:
+        return
+    loopback = listen.host in ("127.0.0.1", "::1", "localhost")
+    where = (
+        "every local user can connect"
+        if loopback
+        else "anyone who can reach this address can connect"
+    )
+    message = (
+        f"serving plaintext over TCP on {listen.host}:{listen.port} without TLS or "
+        f"authentication: {where} and read or write the volume; prefer --socket"
+    )
+    log.warning("plaintext over TCP", extra={"reason": message})
+    print(f"blockcrypt: WARNING: {message}", file=sys.stderr, flush=True)
+
+
 def _listening_socket(listen: ListenSpec) -> socket.socket:
     if listen.activated_fd is not None:
         sock = socket.socket(fileno=listen.activated_fd)
@@ -270,10 +336,11 @@ def _listening_socket(listen: ListenSpec) -> socket.socket:
         old_umask = os.umask(0o177)  # the socket carries plaintext: owner only
         try:
             sock.bind(listen.unix_path)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             sock.close()
+            reason = getattr(exc, "strerror", None) or str(exc)
             raise ConfigError(
-                f"cannot listen on {listen.unix_path}: {exc.strerror}"
+                f"cannot listen on --socket {listen.unix_path}: {reason}"
             ) from exc
         finally:
             os.umask(old_umask)

@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import stat
 from dataclasses import dataclass
 
 from blockcrypt.crypto import XTSKey, make_cipher
-from blockcrypt.errors import StorageError, VolumeBusy, VolumeFormatError, WrongKey
+from blockcrypt.errors import (
+    StorageError,
+    UnwrapFailed,
+    VolumeBusy,
+    VolumeFormatError,
+    WrongKey,
+)
 from blockcrypt.kms import CMKStore, WrappedKey, encryption_context
 from blockcrypt.volume import luks2
 from blockcrypt.volume._fileops import punch_hole, try_ofd_lock
 from blockcrypt.volume._rangelock import RangeLock
 
 __all__ = ["FORMAT_VERSION", "Volume", "VolumeInfo"]
+
+log = logging.getLogger("blockcrypt.server")
 
 #: Version of the blockcrypt token layout, bound into the wrap context.
 FORMAT_VERSION = 1
@@ -102,6 +112,7 @@ class Volume:
         fd, lock_fd = _open_locked(path, read_only)
         try:
             header = luks2.read_header(fd)
+            _check_size(path, fd, header)
             key = _unwrap(path, header, store)
             try:
                 return cls(path, fd, lock_fd, header, key, read_only)
@@ -382,7 +393,8 @@ def _io_error(what: str, exc: OSError) -> StorageIOError:
 
 
 def _open_locked(path: str, read_only: bool) -> tuple[int, int]:
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    # O_NONBLOCK: opening a FIFO must not hang; it is refused just below.
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -391,6 +403,12 @@ def _open_locked(path: str, read_only: bool) -> tuple[int, int]:
         ) from None
     except OSError as exc:
         raise StorageError(f"cannot open {path}: {exc.strerror}") from exc
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise VolumeFormatError(
+            f"{path} is not a regular file or a block device, so it cannot be a volume"
+        )
     try:
         lock_fd = os.open(path, flags)
     except OSError:
@@ -416,6 +434,29 @@ def _open_locked(path: str, read_only: bool) -> tuple[int, int]:
     return fd, lock_fd
 
 
+def _check_size(path: str, fd: int, header: luks2.LUKS2Header) -> None:
+    size = os.fstat(fd).st_size - header.data_offset
+    if header.data_size is not None:
+        size = min(size, header.data_size)
+    if size < header.sector_size:
+        raise VolumeFormatError(
+            f"{path} has no data area: the file is {os.fstat(fd).st_size} bytes and "
+            f"data starts at {header.data_offset}; was it truncated? Restore it "
+            "from a backup"
+        )
+    if size % header.sector_size:
+        log.warning(
+            "volume size is not a whole number of sectors; the tail is not served",
+            extra={"path": path, "tail_bytes": size % header.sector_size},
+        )
+    if header.damaged_copies:
+        log.warning(
+            "damaged LUKS2 header copy; run `cryptsetup repair` on the stopped "
+            "volume and keep a header backup",
+            extra={"path": path, "damaged": ",".join(header.damaged_copies)},
+        )
+
+
 def _unwrap(path: str, header: luks2.LUKS2Header, store: CMKStore) -> XTSKey:
     token = header.token
     if token is None:
@@ -431,10 +472,28 @@ def _unwrap(path: str, header: luks2.LUKS2Header, store: CMKStore) -> XTSKey:
         iv=token.iv,
         ciphertext=token.wrapped_dek,
     )
+    version = token.context.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise VolumeFormatError(
+            f"{path}: the {luks2.TOKEN_TYPE} token has format version {version!r}; "
+            f"this blockcrypt reads version {FORMAT_VERSION}. Upgrade blockcrypt"
+        )
     # The context comes from this header, not from the token, so a token
     # copied from another volume fails to unwrap.
     context = encryption_context(header.uuid, FORMAT_VERSION, token.key_id)
-    key = store.decrypt_datakey(wrapped, context)
+    try:
+        key = store.decrypt_datakey(wrapped, context)
+    except UnwrapFailed as exc:
+        wrapped_for = token.context.get("volume_uuid")
+        if wrapped_for is not None and str(wrapped_for).lower() != header.uuid.lower():
+            raise UnwrapFailed(
+                f"{path}: cannot unwrap the data key: the header's UUID is "
+                f"{header.uuid}, but the key was wrapped for another volume, "
+                f"{wrapped_for}. If the UUID was changed "
+                "(cryptsetup luksUUID), change it back; if the token came from "
+                "another volume, restore this volume's header backup"
+            ) from exc
+        raise
     if not luks2.verify_dek(header, key):
         key.wipe()
         raise WrongKey(

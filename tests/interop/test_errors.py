@@ -152,3 +152,44 @@ def test_socket_path_that_is_a_regular_file(cli: CLI, volume: Path, tmp_path: Pa
     err = fails(cli, "serve", str(volume), "--socket", str(target), code=78)
     assert "not a socket" in err
     assert target.read_text() == "keep me"
+
+
+def test_tcp_listen_warns_about_plaintext(cli: CLI, volume: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(cli.argv("serve", str(volume), "--listen", f"127.0.0.1:{port}"),
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(1.5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "WARNING" in err and "plaintext over TCP" in err and "without TLS" in err
+
+
+def test_fifo_is_refused_without_hanging(cli: CLI, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    err = fails(cli, "serve", str(fifo), "--socket", str(tmp_path / "f.sock"))
+    assert "not a regular file" in err
+
+
+def test_truncated_volume_is_refused(cli: CLI, volume: Path, tmp_path: Path) -> None:
+    os.truncate(volume, 16 * 1024 * 1024)
+    err = fails(cli, "serve", str(volume), "--socket", str(tmp_path / "t.sock"))
+    assert "truncated" in err
+
+
+def test_serving_with_a_damaged_copy_warns(cli: CLI, volume: Path, tmp_path: Path) -> None:
+    with open(volume, "r+b") as f:
+        f.seek(0)
+        f.write(b"\x00\x00\x00\x00")
+    srv = start_server(cli, volume, tmp_path / "d.sock", verbose="-v")
+    assert srv.stop() == 0
+    log = srv.log.read_text()
+    assert "damaged LUKS2 header copy" in log and "cryptsetup repair" in log

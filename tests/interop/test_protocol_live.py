@@ -138,3 +138,40 @@ def test_huge_trim_and_zero_do_not_allocate_their_length(
     finally:
         assert srv.stop() == 0
     assert image.stat().st_blocks * 512 < 512 << 20
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_replies_cannot_grow_server_memory(
+    server: Server,
+) -> None:
+    import socket as socketmod
+    import time
+
+    c = RawClient(str(server.socket))
+    c.sock.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF, 4096)
+    c.sock.settimeout(0.2)
+    sent = 0
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline and sent < 2000:
+            try:
+                c.send(0, 0, 32 << 20, cookie=sent)
+                sent += 1
+            except TimeoutError:
+                break  # the server stopped reading: backpressure works
+        time.sleep(1.0)
+        assert vm_rss_kib(server.proc.pid) < 600 * 1024
+    finally:
+        c.sock.close()
+    # The server is still healthy for the next client.
+    c = RawClient(str(server.socket))
+    try:
+        assert c.read(0, 4) == bytes(4)
+    finally:
+        c.close()

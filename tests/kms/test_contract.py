@@ -10,6 +10,7 @@ import pytest
 
 from blockcrypt.errors import KeyNotFound, KMSError, UnwrapFailed
 from blockcrypt.kms import CMKStore, KeyInfo, encryption_context
+from blockcrypt.kms._base import KeyMaterialStore
 
 VOLUME = "6f1c0a8e-5b9d-4c2a-9e3f-0a1b2c3d4e5f"
 OTHER_VOLUME = "0d9e8f7a-6b5c-4d3e-8f1a-2b3c4d5e6f70"
@@ -150,7 +151,7 @@ def test_decrypt_datakey_refuses_other_key(store: CMKStore, alias: str) -> None:
         ("ciphertext", b"\0" * 79, "ciphertext is 79 bytes"),
         ("iv", b"\0" * 16, "IV is 16 bytes"),
         ("mechanism", "AES-256-KW", "mechanism is 'AES-256-KW'"),
-        ("key_version", 2, "key version is 2"),
+        ("key_version", 0, "key version is 0"),
     ],
 )
 def test_decrypt_datakey_refuses_malformed_record(
@@ -194,3 +195,79 @@ def test_create_datakey_refuses_empty_context(store: CMKStore, alias: str) -> No
 
     with pytest.raises(ValueError, match="context is empty"):
         store.create_datakey(alias, b"")
+
+
+def test_missing_key_version_is_key_not_found(store: CMKStore, alias: str) -> None:
+    info = store.create_key(alias)
+    wrapped = store.create_datakey(alias, context_for(info)).wrapped
+
+    ahead = dataclasses.replace(wrapped, key_version=2)
+
+    with pytest.raises(KeyNotFound, match=f"{info.key_id} has no version 2"):
+        store.decrypt_datakey(ahead, context_for(info))
+
+
+def test_new_version_wraps_and_old_version_still_unwraps(
+    store: KeyMaterialStore, alias: str
+) -> None:
+    info = store.create_key(alias)
+    old = store.create_datakey(alias, context_for(info))
+
+    store.create_key_version(info.key_id, 2)
+    store.create_key_version(info.key_id, 2)  # idempotent
+    new = store.create_datakey(alias, context_for(info))
+
+    assert store.key_versions(info.key_id) == [1, 2]
+    assert (old.wrapped.key_version, new.wrapped.key_version) == (1, 2)
+    for data_key in (old, new):
+        key = store.decrypt_datakey(data_key.wrapped, context_for(info))
+        assert bytes(key) == bytes(data_key.plaintext)
+    pinned = store.create_datakey(alias, context_for(info), version=1)
+    assert pinned.wrapped.key_version == 1
+
+
+def test_encrypt_datakey_wraps_an_existing_dek(
+    store: KeyMaterialStore, alias: str
+) -> None:
+    info = store.create_key(alias)
+    other = store.create_key(alias + "-b")
+    data_key = store.create_datakey(alias, context_for(info))
+
+    rewrapped = store.encrypt_datakey(
+        other.key_id, data_key.plaintext, context_for(other)
+    )
+
+    assert rewrapped.key_id == other.key_id
+    key = store.decrypt_datakey(rewrapped, context_for(other))
+    assert bytes(key) == bytes(data_key.plaintext)
+
+
+def test_destroy_key_removes_every_version(store: KeyMaterialStore, alias: str) -> None:
+    info = store.create_key(alias)
+    store.create_key_version(info.key_id, 2)
+    wrapped = store.create_datakey(alias, context_for(info), version=1).wrapped
+
+    store.destroy_key(info.key_id)
+    store.destroy_key(info.key_id)  # a missing key is fine
+
+    with pytest.raises(KeyNotFound):
+        store.describe_key(info.key_id)
+    with pytest.raises(KeyNotFound):
+        store.decrypt_datakey(wrapped, context_for(info))
+    assert info.key_id not in {k.key_id for k in store.list_keys()}
+
+
+def test_set_primary_alias_renames_and_empty_matches_nothing(
+    store: KeyMaterialStore, alias: str
+) -> None:
+    info = store.create_key(alias)
+
+    store.set_primary_alias(info.key_id, alias + "-new")
+    assert store.describe_key(alias + "-new").key_id == info.key_id
+    with pytest.raises(KeyNotFound):
+        store.describe_key(alias)
+
+    store.set_primary_alias(info.key_id, "")
+    assert store.describe_key(info.key_id).alias == ""
+    with pytest.raises(KeyNotFound):
+        store.describe_key("")

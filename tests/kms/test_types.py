@@ -86,4 +86,7 @@ def test_key_info_to_json() -> None:
         "state": "Enabled",
         "backend": "memory",
         "token_label": None,
+        "aliases": [],
+        "current_version": 1,
+        "deletion_date": None,
     }

@@ -306,9 +306,11 @@ def test_oversized_write_is_skipped_not_buffered() -> None:
     assert isinstance(conn.next_event(), Request)
 
 
-def test_read_only_export_refuses_writes_with_eperm() -> None:
+@pytest.mark.parametrize("kind", [Command.WRITE, Command.TRIM, Command.WRITE_ZEROES])
+def test_read_only_export_refuses_writes_with_eperm(kind: Command) -> None:
     conn = connected(RO_EXPORT)
-    conn.receive_data(request(Command.WRITE, 0, 2, cookie=3, data=b"hi"))
+    data = b"hi" if kind is Command.WRITE else b""
+    conn.receive_data(request(kind, 0, 2, cookie=3, data=data))
     (ev,) = events(conn)
     assert isinstance(ev, RequestRejected) and ev.error == Errno.EPERM
 
