@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from blockcrypt.errors import AuditLogError, ConfigError
+from blockcrypt.errors import AuditLogError, ConfigError, UsageError
 
 __all__ = ["AUDIT_FILE", "AuditLog", "parse_time"]
 
@@ -49,7 +49,7 @@ def parse_time(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(
+        raise UsageError(
             f"time {text!r} is not understood; use ISO 8601, e.g. "
             "2025-06-01 or 2025-06-01T12:00:00Z"
         ) from None

@@ -29,10 +29,10 @@ from blockcrypt.audit import AuditLog, parse_time
 from blockcrypt.config import Config, load_config
 from blockcrypt.errors import (
     BlockcryptError,
-    ConfigError,
     KernelNBDError,
     KMSError,
     StorageError,
+    UsageError,
 )
 from blockcrypt.kms import (
     KeyCatalog,
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockcrypt.server")
 
 _PR_SET_DUMPABLE = 4
+# A file offset is a signed 64-bit number; the header area comes first.
+_MAX_VOLUME_SIZE = (1 << 63) - (1 << 30)
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
@@ -59,7 +61,7 @@ def parse_size(text: str) -> int:
     """Parse ``4096``, ``512K``, ``256M``, ``10G``, ``1GiB`` (powers of 1024)."""
     match = _SIZE.match(text)
     if not match:
-        raise ConfigError(f"size {text!r} is not understood; use e.g. 256M or 10G")
+        raise UsageError(f"size {text!r} is not understood; use e.g. 256M or 10G")
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
@@ -92,9 +94,9 @@ def _write_secret_file(path: str, data: bytes) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
-        raise ConfigError(f"{path} exists; refusing to overwrite a key file") from None
+        raise UsageError(f"{path} exists; refusing to overwrite a key file") from None
     except OSError as exc:
-        raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
+        raise StorageError(f"cannot create {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -121,7 +123,7 @@ def _wrapped_from_json(doc: Any, source: str) -> tuple[WrappedKey, str]:
         )
         return wrapped, str(doc["volume_uuid"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(
+        raise UsageError(
             f"{source} is not the JSON printed by `blockcrypt kms create-datakey` "
             f"({exc.__class__.__name__}: {exc})"
         ) from None
@@ -182,6 +184,10 @@ def cmd_describe_key(args: argparse.Namespace) -> int:
 
 def cmd_create_datakey(args: argparse.Namespace) -> int:
     volume_uuid = args.volume_uuid or str(uuid.uuid4())
+    try:
+        uuid.UUID(volume_uuid)
+    except ValueError:
+        raise UsageError(f"--volume-uuid {volume_uuid!r} is not a UUID") from None
 
     def body(store: ManagedCMKStore) -> int:
         from blockcrypt.volume.device import FORMAT_VERSION
@@ -207,7 +213,7 @@ def cmd_decrypt_datakey(args: argparse.Namespace) -> int:
         text = Path(args.input).read_text() if args.input else sys.stdin.read()
         doc = json.loads(text)
     except (OSError, ValueError) as exc:
-        raise ConfigError(
+        raise UsageError(
             f"cannot read the wrapped data key from {source}: {exc}"
         ) from None
     wrapped, volume_uuid = _wrapped_from_json(doc, source)
@@ -217,7 +223,7 @@ def cmd_decrypt_datakey(args: argparse.Namespace) -> int:
 
         info = store.describe_key(args.key)
         if info.key_id != wrapped.key_id:
-            raise ConfigError(
+            raise UsageError(
                 f"the data key was wrapped by {wrapped.key_id}, not by {args.key} "
                 f"({info.key_id}); pass the right key"
             )
@@ -238,11 +244,18 @@ def cmd_create(args: argparse.Namespace) -> int:
     from blockcrypt.volume import luks2
     from blockcrypt.volume.device import FORMAT_VERSION
 
+    if args.label and not args.label.isprintable():
+        raise UsageError("--label must be printable text (no newlines or tabs)")
     size = parse_size(args.size)
     if size <= 0 or size % args.sector_size:
-        raise ConfigError(
+        raise UsageError(
             f"--size {args.size} is {size} bytes; it must be a positive multiple "
             f"of the {args.sector_size}-byte sector size"
+        )
+    if size > _MAX_VOLUME_SIZE:
+        raise UsageError(
+            f"--size {args.size} is {size} bytes; files cannot exceed "
+            f"{_MAX_VOLUME_SIZE} bytes of data here"
         )
 
     def body(store: ManagedCMKStore) -> int:
@@ -372,6 +385,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from blockcrypt.server.daemon import ListenSpec, serve
 
     _no_core_dumps()
+    if len(args.export_name.encode()) > 4096:
+        raise UsageError("--export-name is longer than the 4096 bytes NBD allows")
+    if args.socket == "":
+        raise UsageError("--socket needs a path")
 
     listen = ListenSpec.from_systemd()
     if listen is None:
@@ -589,7 +606,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         else:
             key_ids = {args.key}
         if not key_ids:
-            raise ConfigError(
+            raise UsageError(
                 f"--key {args.key!r} is neither a key id nor a current alias; "
                 "pass the key id (cmk-...)"
             )
@@ -597,7 +614,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         try:
             uuid.UUID(args.volume)
         except ValueError:
-            raise ConfigError(f"--volume {args.volume!r} is not a UUID") from None
+            raise UsageError(f"--volume {args.volume!r} is not a UUID") from None
     since = parse_time(args.since) if args.since else None
     records = log_file.read(key_ids, args.volume, since)
     if args.json:
@@ -677,7 +694,7 @@ def _read_new_passphrase(args: argparse.Namespace) -> bytes:
     if args.passphrase_file:
         return read_secret_file(Path(args.passphrase_file)).get_secret_value().encode()
     if not sys.stdin.isatty():
-        raise ConfigError(
+        raise UsageError(
             "no terminal to read the new passphrase from; pass "
             "--passphrase-file FILE (mode 0600) in scripts"
         )
@@ -685,7 +702,7 @@ def _read_new_passphrase(args: argparse.Namespace) -> bytes:
 
     first = getpass.getpass("New recovery passphrase: ")
     if first != getpass.getpass("Repeat the passphrase: "):
-        raise ConfigError("the two passphrases differ; nothing was changed")
+        raise UsageError("the two passphrases differ; nothing was changed")
     return first.encode()
 
 
@@ -762,7 +779,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     _no_core_dumps()
     index = kernel.device_index(args.device) if args.device else None
     if not 1 <= args.connections <= 16:
-        raise ConfigError(f"--connections {args.connections}: expected 1 to 16")
+        raise UsageError(f"--connections {args.connections}: expected 1 to 16")
     # Fail before touching the HSM if the kernel side is missing.
     netlink = kernel.NBDNetlink()
     try:
@@ -787,11 +804,10 @@ def _run_attached(
     index: int | None,
 ) -> str | None:
     import socket
-    import tempfile
     import time
 
     from blockcrypt.server import kernel
-    from blockcrypt.server.daemon import ListenSpec, export_for, serve
+    from blockcrypt.server.daemon import export_for, serve
 
     registry = kernel.AttachmentRegistry(config.state_dir)
     pairs = [socket.socketpair() for _ in range(args.connections)]
@@ -805,15 +821,6 @@ def _run_attached(
         args.dead_conn_timeout,
         index,
     )
-    # TODO(#4): serve() always needs a listener; give it one nobody can reach
-    # (bound in a private directory, then unlinked). It can go when serve()
-    # accepts listen=None for kernel-only serving.
-    with tempfile.TemporaryDirectory(prefix="blockcrypt-attach-") as private:
-        hidden = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        hidden.bind(os.path.join(private, "unused.sock"))
-        hidden.listen()
-        os.unlink(os.path.join(private, "unused.sock"))
-    listener = hidden.detach()  # serve() owns and closes it
     device: list[str] = []
 
     async def main() -> None:
@@ -823,7 +830,7 @@ def _run_attached(
         served = asyncio.create_task(
             serve(
                 volume,
-                ListenSpec(activated_fd=listener),
+                None,
                 on_ready=lambda _uri: ready.set(),
                 preconnected=[ours for ours, _ in pairs],
                 stop=stop,
@@ -1212,6 +1219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`); that is not an error
+        # worth a traceback. Point stdout at /dev/null so the exit flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            # Writing our own output failed (a full disk behind `> file`).
+            print(f"blockcrypt: error: cannot write output: {exc.strerror}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"cannot read config file {str(path)!r}: {exc.strerror}"
         ) from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"config file {str(path)!r} is not valid TOML: {exc}"
         ) from None

@@ -131,10 +131,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="blockcrypt-demo-"))
     image, sock = work / "demo.img", work / "nbd.sock"
-    print(f"# working in {work}\n# 1. a customer master key inside SoftHSM2", flush=True)
+    print(
+        f"# working in {work}\n# 1. a customer master key inside SoftHSM2", flush=True
+    )
     bc = _blockcrypt(args)
     try:
-        found = subprocess.run([*bc, "kms", "describe-key", "demo"], capture_output=True)
+        found = subprocess.run(
+            [*bc, "kms", "describe-key", "demo"], capture_output=True
+        )
         if found.returncode == 0:
             _run([*bc, "kms", "describe-key", "demo"])
         else:

@@ -11,6 +11,8 @@ import errno
 __all__ = [
     "BlockcryptError",
     "ConfigError",
+    "HSMMisconfigured",
+    "UsageError",
     "AuditLogError",
     "HSMUnavailable",
     "KMSError",
@@ -42,12 +44,24 @@ class ConfigError(BlockcryptError):
     exit_code = 78  # EX_CONFIG: systemd's RestartPreventExitStatus= stops loops
 
 
+class UsageError(BlockcryptError):
+    """A command-line value is malformed or out of range."""
+
+    exit_code = 2  # what argparse uses for usage errors
+
+
 class KMSError(BlockcryptError):
     """A key management operation failed."""
 
 
 class HSMUnavailable(KMSError):
     """The PKCS#11 module or its token cannot be loaded or reached."""
+
+
+class HSMMisconfigured(HSMUnavailable):
+    """The configured PKCS#11 module or token label does not exist or cannot load."""
+
+    exit_code = 78
 
 
 class TokenLoginFailed(KMSError):

@@ -44,8 +44,12 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        doc.update({k: v if isinstance(v, (int, float, bool)) else str(v)
-                    for k, v in _fields(record).items()})
+        doc.update(
+            {
+                k: v if isinstance(v, (int, float, bool)) else str(v)
+                for k, v in _fields(record).items()
+            }
+        )
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)

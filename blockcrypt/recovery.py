@@ -24,7 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from blockcrypt.errors import ConfigError, StorageError, VolumeFormatError
+from blockcrypt.errors import (
+    ConfigError,
+    StorageError,
+    UsageError,
+    VolumeFormatError,
+)
 from blockcrypt.kms import CMKStore
 from blockcrypt.volume import luks2
 from blockcrypt.volume.rewrap import exclusive_volume, unwrap_volume_key
@@ -117,7 +122,7 @@ def add_passphrase(
         RecoveryError: cryptsetup failed.
     """
     if not passphrase:
-        raise ConfigError("the recovery passphrase is empty; choose a long one")
+        raise UsageError("the recovery passphrase is empty; choose a long one")
     tool = _cryptsetup()
     with exclusive_volume(path) as fd:
         header = luks2.read_header(fd)
@@ -152,7 +157,7 @@ def backup_header(path: str, out: str) -> str:
     tool = _cryptsetup()
     header = _read(path)
     if os.path.lexists(out):
-        raise ConfigError(f"{out} exists; refusing to overwrite a header backup")
+        raise UsageError(f"{out} exists; refusing to overwrite a header backup")
     old_umask = os.umask(0o077)  # the backup holds the keyslots: owner only
     try:
         _run(
@@ -185,7 +190,7 @@ def restore_header(path: str, backup: str, force: bool = False) -> tuple[str, st
                 raise
             current_uuid = "(unreadable)"
         if current_uuid != saved.uuid and not force:
-            raise ConfigError(
+            raise UsageError(
                 f"header backup {backup} belongs to volume {saved.uuid}, but "
                 f"{path} is volume {current_uuid}; pick the right backup, or pass "
                 "--force to overwrite anyway"

@@ -2,7 +2,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNTIME_PACKAGES=(python3 python3-venv python3-pip python3-dev gcc libssl-dev softhsm2 libsofthsm2 nbdfuse fuse3
+RUNTIME_PACKAGES=(python3 python3-venv python3-pip python3-dev gcc libssl-dev softhsm2 libsofthsm2 libnbd-bin fuse3
                   e2fsprogs mount util-linux)
 TEST_PACKAGES=(cryptsetup-bin libnbd-bin nbdkit qemu-utils fio nbd-client opensc)
 

@@ -23,6 +23,7 @@ configuration) at a time.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import secrets
 import select
@@ -38,6 +39,8 @@ from pathlib import Path
 from blockcrypt.config import PKCS11Config, default_state_dir, read_secret_file
 from blockcrypt.errors import ConfigError, HSMUnavailable
 from blockcrypt.kms.pkcs11 import PKCS11CMKStore, use_softhsm2_conf
+
+log = logging.getLogger("blockcrypt.kms")
 
 __all__ = [
     "EMBEDDED_TOKEN_LABEL",
@@ -147,7 +150,18 @@ def _make_private_dir(path: Path) -> None:
         info = path.lstat()
         if not stat.S_ISDIR(info.st_mode):
             raise ConfigError(f"{str(path)!r} exists but is not a directory")
-        if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+        if info.st_uid != os.geteuid():
+            raise ConfigError(
+                f"{str(path)!r} belongs to uid {info.st_uid}, not to uid "
+                f"{os.geteuid()} running blockcrypt; the embedded token's keys are "
+                "only as safe as this directory, so it must be ours alone "
+                f"(chown {os.geteuid()} it, or pick another --state-dir)"
+            )
+        if info.st_mode & 0o077:
+            log.warning(
+                "state directory was open to other users; made it private",
+                extra={"path": str(path), "mode": oct(info.st_mode & 0o777)},
+            )
             os.chmod(path, 0o700)
     except OSError as exc:
         raise ConfigError(

@@ -57,6 +57,7 @@ from pkcs11.mechanisms import GCMParams
 from blockcrypt.config import PKCS11Config
 from blockcrypt.crypto.xts import XTSKey
 from blockcrypt.errors import (
+    HSMMisconfigured,
     HSMUnavailable,
     KeyDisabled,
     KeyNotFound,
@@ -193,7 +194,7 @@ def _load_library(module: Path) -> Any:
         return loaded.lib
 
     if "/" in str(module) and not module.exists():
-        raise HSMUnavailable(
+        raise HSMMisconfigured(
             f"PKCS#11 module {str(module)!r} does not exist; check kms.module in "
             "the config (for SoftHSM2: `apt-get install softhsm2`)"
         )
@@ -201,7 +202,7 @@ def _load_library(module: Path) -> Any:
     try:
         lib = pkcs11.lib(key)
     except p11.PKCS11Error as exc:
-        raise HSMUnavailable(
+        raise HSMMisconfigured(
             f"cannot load or initialise PKCS#11 module {str(module)!r} "
             f"({type(exc).__name__}: {exc}); check that it is a PKCS#11 library "
             "for this architecture, and for SoftHSM2 that SOFTHSM2_CONF "
@@ -230,14 +231,14 @@ def _find_token(lib: Any, config: PKCS11Config) -> Any:
             seen = sorted({t.label for t in lib.get_tokens()})
         except p11.PKCS11Error:
             seen = []
-        raise HSMUnavailable(
+        raise HSMMisconfigured(
             f"no token labelled {label!r} in PKCS#11 module {str(config.module)!r} "
             f"(tokens seen: {', '.join(map(repr, seen)) or 'none'}); check "
             "kms.token_label, and for SoftHSM2 the SOFTHSM2_CONF file "
             f"({os.environ.get('SOFTHSM2_CONF', 'unset')}) and its tokendir"
         ) from exc
     except p11.MultipleTokensReturned as exc:
-        raise HSMUnavailable(
+        raise HSMMisconfigured(
             f"more than one token is labelled {label!r} in PKCS#11 module "
             f"{str(config.module)!r}; relabel or remove the extra token"
         ) from exc

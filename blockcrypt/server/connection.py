@@ -306,7 +306,7 @@ class ClientSession(asyncio.Protocol):
     def _pool_done(
         self, req: Request, weight: int, future: Future[object] | asyncio.Future[object]
     ) -> None:
-        self._jobs.discard(future)  # type: ignore[arg-type]
+        self._jobs.discard(future)
         self._in_flight -= 1
         self._in_flight_bytes -= weight
         if future.cancelled():

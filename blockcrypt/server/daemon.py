@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from blockcrypt.crypto import FAST_BACKEND_ERROR
-from blockcrypt.errors import ConfigError
+from blockcrypt.errors import ConfigError, UsageError, VolumeBusy
 from blockcrypt.nbd import Export, TransmissionFlag
 from blockcrypt.server.connection import ClientSession
 from blockcrypt.volume.device import Volume
@@ -58,7 +58,7 @@ class ListenSpec:
             host, port = "127.0.0.1", value
         host = host.strip("[]") or "127.0.0.1"
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
+            raise UsageError(
                 f"--listen {value!r}: expected HOST:PORT with a port 1-65535"
             )
         return cls(host=host, port=int(port))
@@ -102,7 +102,7 @@ def export_for(volume: Volume, name: str) -> Export:
 
 async def serve(
     volume: Volume,
-    listen: ListenSpec,
+    listen: ListenSpec | None,
     export_name: str = "",
     on_ready: Callable[[str], None] | None = None,
     preconnected: Sequence[socket.socket] = (),
@@ -113,21 +113,27 @@ async def serve(
 
     ``preconnected`` sockets (one end of a socketpair whose other end went to
     the kernel's NBD driver) are served in transmission phase, no handshake.
-    Setting ``stop`` ends serving as a signal would.
+    Setting ``stop`` ends serving as a signal would. With ``listen`` None,
+    only the preconnected sockets are served.
     """
     export = export_for(volume, export_name)
     executor = ThreadPoolExecutor(max_workers=max(4, (os.cpu_count() or 1) * 2))
     loop = asyncio.get_running_loop()
     _warn_if_slow_cipher()
-    _warn_if_tcp(listen)
+    if listen is not None:
+        _warn_if_tcp(listen)
 
     # Each worker thread runs its own event loop; connections are spread over
     # them so that several clients (multi-conn) use several cores.
     workers = [_Worker(volume, export, executor, i) for i in range(_loop_count())]
-    listener = _listening_socket(listen)
+    listener = _listening_socket(listen) if listen is not None else None
     for i, sock in enumerate(preconnected):
         workers[i % len(workers)].adopt(sock, preinit=True)
-    accepting = asyncio.create_task(_accept(loop, listener, workers, max_connections))
+    accepting = None
+    if listener is not None:
+        accepting = asyncio.create_task(
+            _accept(loop, listener, workers, max_connections)
+        )
 
     stop = stop or asyncio.Event()
     for signum in _STOP_SIGNALS:
@@ -135,7 +141,7 @@ async def serve(
     log.info(
         "listening",
         extra={
-            "address": _describe(listen),
+            "address": _describe(listen) if listen is not None else "kernel only",
             "export": export_name,
             "size": volume.size,
             "read_only": volume.read_only,
@@ -143,7 +149,7 @@ async def serve(
         },
     )
     if on_ready is not None:
-        on_ready(_uri(listen, export_name))
+        on_ready(_uri(listen, export_name) if listen is not None else "")
     try:
         await stop.wait()
     finally:
@@ -154,18 +160,20 @@ async def serve(
 
 
 async def _shutdown(
-    accepting: asyncio.Task[None],
-    listener: socket.socket,
+    accepting: asyncio.Task[None] | None,
+    listener: socket.socket | None,
     workers: list[_Worker],
-    listen: ListenSpec,
+    listen: ListenSpec | None,
 ) -> None:
     # 1. Stop accepting new clients and remove our socket file.
     log.info("shutdown: no longer accepting clients")
-    accepting.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await accepting
-    listener.close()
-    if listen.unix_path:
+    if accepting is not None:
+        accepting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await accepting
+    if listener is not None:
+        listener.close()
+    if listen is not None and listen.unix_path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(listen.unix_path)
     # 2. Every worker asks its sessions to stop reading, waits for the replies
@@ -213,7 +221,11 @@ async def _accept(
             await asyncio.sleep(0.1)
             continue
         active += 1
-        next(turn).adopt(conn, on_close=lambda: loop.call_soon_threadsafe(closed))
+        next(turn).adopt(conn, on_close=lambda: _call_soon(loop, closed))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, func: Callable[[], None]) -> None:
+    loop.call_soon_threadsafe(func)
 
 
 class _Worker:
@@ -373,7 +385,9 @@ def _clear_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise ConfigError(f"--socket {path} is in use by a running server")
+    raise VolumeBusy(
+        f"--socket {path} is in use by a running server; stop it or pick another path"
+    )
 
 
 def _uri(listen: ListenSpec, export_name: str) -> str:

@@ -25,7 +25,9 @@ import fcntl
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from blockcrypt.crypto import XTSKey, make_cipher
 from blockcrypt.errors import (
@@ -46,6 +48,8 @@ log = logging.getLogger("blockcrypt.server")
 
 #: Version of the blockcrypt token layout, bound into the wrap context.
 FORMAT_VERSION = 1
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 _ZERO_EXTENT = 3  # base:allocation HOLE | ZERO
 #: Bytes of zeros written per step when zeroing must really write.
 _ZERO_CHUNK = 1024 * 1024
@@ -240,7 +244,8 @@ class Volume:
         as zeros. At most ``limit`` extents; they may cover less than asked.
         """
         self._span(offset, length)
-        ss, end, out = self.sector_size, offset + length, []
+        ss, end = self.sector_size, offset + length
+        out: list[tuple[int, int]] = []
         pos = offset
         while pos < end and len(out) < limit:
             hole = self._seek(pos, os.SEEK_HOLE)
@@ -368,9 +373,9 @@ class Volume:
             position += written
 
     @staticmethod
-    def _io(func, *args):  # type: ignore[no-untyped-def]
+    def _io(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
-            return func(*args)
+            return func(*args, **kwargs)
         except OSError as exc:
             raise _io_error(func.__name__, exc) from exc
 

@@ -522,7 +522,9 @@ def _read_best(fd: int, path: str) -> tuple[_Copy, tuple[str, ...]]:
             if not seen and head[:6] != _MAGIC_PRIMARY:
                 raise VolumeFormatError(
                     f"{path} is not a LUKS2 volume (no LUKS magic at offset 0 or "
-                    "at any secondary header offset); create one with "
+                    "at any secondary header offset). If it was one, both header "
+                    "copies are gone: restore a header backup (`blockcrypt "
+                    "restore-header`); otherwise create a volume with "
                     "`blockcrypt create`"
                 )
             failures["secondary"] = reason

@@ -239,7 +239,9 @@ def test_bad_softhsm2_conf_is_hsm_unavailable(
 
     result = open_in_child(config)
 
-    assert result["error"] == "HSMUnavailable"
+    # A configuration problem: the subclass whose exit status (78) stops
+    # systemd restart loops.
+    assert result["error"] == "HSMMisconfigured"
     assert "SOFTHSM2_CONF" in result["message"]
 
 

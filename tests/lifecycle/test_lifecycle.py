@@ -17,6 +17,7 @@ from blockcrypt.errors import (
     KeyNotFound,
     KeyPendingDeletion,
     KMSError,
+    UsageError,
 )
 from blockcrypt.kms import (
     KeyCatalog,
@@ -341,5 +342,5 @@ def test_audit_write_failure_refuses_the_operation(
 
 
 def test_parse_time_refuses_garbage() -> None:
-    with pytest.raises(ConfigError, match="ISO 8601"):
+    with pytest.raises(UsageError, match="ISO 8601"):
         parse_time("yesterday")

@@ -75,7 +75,7 @@ def test_add_passphrase_without_terminal_or_file_is_refused(
 ) -> None:
     image, _ = make_volume(cli, tmp_path)
     proc = cli.run("recovery", "add-passphrase", str(image), check=False, input="")
-    assert proc.returncode == 78
+    assert proc.returncode == 2
     assert "--passphrase-file" in proc.stderr
 
 
@@ -86,7 +86,7 @@ def test_backup_and_restore_header(cli: CLI, tmp_path: Path) -> None:
     doc = json.loads(cli.run("backup-header", str(image), str(backup), "--json").stdout)
     assert backup.stat().st_mode & 0o777 == 0o600
     again = cli.run("backup-header", str(image), str(backup), check=False)
-    assert again.returncode == 78 and "exists" in again.stderr
+    assert again.returncode == 2 and "exists" in again.stderr
 
     # Wipe both header copies, then restore.
     pristine = image.read_bytes()[:32768]
@@ -111,7 +111,7 @@ def test_restore_refuses_a_backup_of_another_volume(cli: CLI, tmp_path: Path) ->
 
     proc = cli.run("restore-header", str(second), str(backup), check=False)
 
-    assert proc.returncode == 78
+    assert proc.returncode == 2
     assert "belongs to volume" in proc.stderr and "--force" in proc.stderr
     assert second.read_bytes()[:32768] == before
     shutil.rmtree(other_dir)
