@@ -137,17 +137,28 @@ def prepare(work: Path, size: int) -> tuple[list[Target], Path]:
         sh([*bc, "create", str(work / f"bc{ss}.img"), "--size", str(size),
             "--key", "bench", "--sector-size", ss])  # fmt: skip
 
+    def blockcrypt(image: str) -> list[str]:
+        return [*bc, "serve", str(work / image), "--socket", "{sock}"]
+
+    secret = f"secret,id=sec0,file={passfile}"
     targets = [
-        Target("blockcrypt-4096", [*bc, "serve", str(work / "bc4096.img"), "--socket", "{sock}"]),
-        Target("blockcrypt-512", [*bc, "serve", str(work / "bc512.img"), "--socket", "{sock}"]),
-        Target("nbdkit-luks", ["nbdkit", "--foreground", "-U", "{sock}", "--filter=luks",
-                               "file", str(luks1), f"passphrase=+{passfile}"]),
-        Target("qemu-nbd-luks", ["qemu-nbd", "--persistent", "--shared=16",
-                                 f"--socket={{sock}}", "--object",
-                                 f"secret,id=sec0,file={passfile}", "--image-opts",
-                                 f"driver=luks,key-secret=sec0,file.filename={luks1}"]),
-        Target("nbdkit-file-plain", ["nbdkit", "--foreground", "-U", "{sock}", "file",
-                                     str(plain)]),
+        Target("blockcrypt-4096", blockcrypt("bc4096.img")),
+        Target("blockcrypt-512", blockcrypt("bc512.img")),
+        Target(
+            "nbdkit-luks",
+            ["nbdkit", "--foreground", "-U", "{sock}", "--filter=luks", "file",
+             str(luks1), f"passphrase=+{passfile}"],
+        ),
+        Target(
+            "qemu-nbd-luks",
+            ["qemu-nbd", "--persistent", "--shared=16", "--socket={sock}",
+             "--object", secret, "--image-opts",
+             f"driver=luks,key-secret=sec0,file.filename={luks1}"],
+        ),
+        Target(
+            "nbdkit-file-plain",
+            ["nbdkit", "--foreground", "-U", "{sock}", "file", str(plain)],
+        ),
     ]  # fmt: skip
     random_src = work / "random.bin"
     with open(random_src, "wb") as f:
