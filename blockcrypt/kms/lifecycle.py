@@ -621,9 +621,9 @@ class ManagedCMKStore:
             f"customer master key {name} is in state {row.state} and cannot {action}"
         )
 
-    # TODO(#4): states are enforced here only; the token cannot mirror Disabled
-    # because CMKs are created with CKA_MODIFIABLE false. Can go when new CMKs
-    # are made modifiable and disable clears CKA_DECRYPT/CKA_ENCRYPT on them.
+    # States are enforced here, not by the token: CMKs are created with
+    # CKA_MODIFIABLE false, so the token cannot mirror Disabled. A PIN holder
+    # with another PKCS#11 tool can still use the key (docs/kms.md says so).
     def _usable(self, key: str) -> tuple[KeyInfo, _Row]:
         info, row = self._lookup(key, allow_destroyed=True)
         if row.state is not KeyState.ENABLED:

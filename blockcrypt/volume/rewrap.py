@@ -122,9 +122,9 @@ def rewrap_volume(
         KMSError: the old key cannot unwrap or the new one cannot wrap.
         VolumeFormatError, StorageError, WrongKey: header problems.
     """
-    # TODO(#4): attached volumes are refused because the server holds a shared
-    # flock for its lifetime; can go when device.py takes the flock only around
-    # its own header reads, so write_metadata's exclusive flock can proceed.
+    # Attached volumes are refused: a server holds cryptsetup's shared flock
+    # for its lifetime, so the header cannot change under it, and our
+    # exclusive flock would wait for ever (docs/operations.md says so).
     with exclusive_volume(path) as fd:
         header = luks2.read_header(fd)
         token, dek = unwrap_volume_key(path, header, store)
