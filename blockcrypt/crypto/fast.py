@@ -199,9 +199,12 @@ class FastSectorCipher:
         tweak: int,
         zero_is_hole: bool,
     ) -> None:
-        src_ptr = ffi.from_buffer("unsigned char[]", source)
         dst_ptr = ffi.from_buffer("unsigned char[]", target, require_writable=True)
-        if _overlap_differs(src_ptr, dst_ptr, len(source)):
+        if source.obj is target.obj and source.nbytes == len(source.obj):
+            src_ptr = dst_ptr  # in place on one whole buffer: the common case
+        else:
+            src_ptr = ffi.from_buffer("unsigned char[]", source)
+        if src_ptr is not dst_ptr and _overlap_differs(src_ptr, dst_ptr, len(source)):
             # The C loop handles exact in-place work only; a shifted overlap
             # would read sectors it has already overwritten.
             src_ptr = ffi.from_buffer("unsigned char[]", bytes(source))
