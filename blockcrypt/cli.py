@@ -916,8 +916,25 @@ def cmd_list(args: argparse.Namespace) -> int:
         + ("  read-only" if e.get("read_only") else "")
         for e in rows
     ]
-    _emit(args, {"attachments": rows}, "\n".join(lines) or "no attached volumes")
+    doc = {"attachments": rows, "cipher_backend": _backend_status()}
+    text = "\n".join(lines) or "no attached volumes"
+    _emit(args, doc, f"{text}\ncipher backend: {_backend_status()}")
     return 0
+
+
+def _backend_status() -> str:
+    """Which sector cipher runs, said loudly when it is the slow one."""
+    from blockcrypt.crypto import FAST_BACKEND_ERROR, backend_name
+
+    if FAST_BACKEND_ERROR is None:
+        return backend_name()
+    return f"{backend_name()} (SLOW: {FAST_BACKEND_ERROR})"
+
+
+class _VersionAction(argparse.Action):
+    def __call__(self, parser: Any, *args: Any, **kwargs: Any) -> None:
+        print(f"blockcrypt {__version__}, cipher backend: {_backend_status()}")
+        parser.exit()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -934,7 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blockcrypt",
         description="KMS-wrapped LUKS2 volumes served over NBD.",
     )
-    p.add_argument("--version", action="version", version=f"blockcrypt {__version__}")
+    p.add_argument(
+        "--version", action=_VersionAction, nargs=0, help="show version and cipher"
+    )
     p.add_argument(
         "--state-dir",
         help="state directory (default: /var/lib/blockcrypt "

@@ -193,3 +193,27 @@ def test_serving_with_a_damaged_copy_warns(cli: CLI, volume: Path, tmp_path: Pat
     assert srv.stop() == 0
     log = srv.log.read_text()
     assert "damaged LUKS2 header copy" in log and "cryptsetup repair" in log
+
+
+def test_missing_c_cipher_is_said_loudly(cli: CLI, volume: Path, tmp_path: Path) -> None:
+    import sys
+
+    block = "import sys; sys.modules['blockcrypt.crypto._xts_ext'] = None; "
+    run_cli = "from blockcrypt.cli import main; sys.exit(main(sys.argv[1:]))"
+    base = [sys.executable, "-c", block + run_cli, "--state-dir", str(cli.state_dir)]
+    version = subprocess.run([*base, "--version"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert "python-reference (SLOW:" in version.stdout
+    sock = tmp_path / "slow.sock"
+    proc = subprocess.Popen([*base, "serve", str(volume), "--socket", str(sock)],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "WARNING" in err and "C sector cipher is not available" in err
