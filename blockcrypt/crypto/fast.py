@@ -200,7 +200,7 @@ class FastSectorCipher:
         zero_is_hole: bool,
     ) -> None:
         dst_ptr = ffi.from_buffer("unsigned char[]", target, require_writable=True)
-        if source.obj is target.obj and source.nbytes == len(source.obj):
+        if source.obj is target.obj and source.nbytes == len(source.obj):  # type: ignore[arg-type]
             src_ptr = dst_ptr  # in place on one whole buffer: the common case
         else:
             src_ptr = ffi.from_buffer("unsigned char[]", source)

@@ -28,6 +28,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -145,6 +146,9 @@ class KeyCatalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._exclusive = threading.RLock()
+        self._exclusive_depth = 0
+        self._lock_fd = -1
         try:
             if not path.exists():
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -181,6 +185,35 @@ class KeyCatalog:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the catalog's mutation lock, across threads and processes.
+
+        A state check, the HSM work it allows and the catalog update that
+        records it must not interleave with another change to the same key
+        (a cancelled deletion racing a purge would destroy a key the user was
+        told survived), and SoftHSM2's object store is not safe for concurrent
+        writers either. Reentrant within a thread.
+        """
+        with self._exclusive:
+            if self._exclusive_depth == 0:
+                lock_path = self.path.with_name(self.path.name + ".lock")
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._lock_fd = fd
+            self._exclusive_depth += 1
+            try:
+                yield
+            finally:
+                self._exclusive_depth -= 1
+                if self._exclusive_depth == 0:
+                    os.close(self._lock_fd)  # closing releases the flock
+                    self._lock_fd = -1
 
     def close(self) -> None:
         with self._lock:
@@ -274,7 +307,9 @@ class ManagedCMKStore:
             assert row is not None
             return self._merge(info, row)
 
-        return self._audited("CreateKey", body, lambda i: (i.key_id, 1))
+        return self._audited(
+            "CreateKey", self._serialised(body), lambda i: (i.key_id, 1)
+        )
 
     def list_keys(self) -> list[KeyInfo]:
         def body() -> list[KeyInfo]:
@@ -419,7 +454,10 @@ class ManagedCMKStore:
             return self._merge(info, updated)
 
         return self._audited(
-            "RotateKey", body, lambda i: (i.key_id, i.current_version), key
+            "RotateKey",
+            self._serialised(body),
+            lambda i: (i.key_id, i.current_version),
+            key,
         )
 
     def add_alias(self, key: str, alias: str) -> KeyInfo:
@@ -438,7 +476,11 @@ class ManagedCMKStore:
             return self._sync_primary(info, row, updated)
 
         return self._audited(
-            "AddAlias", body, lambda i: (i.key_id, None), key, details={"alias": alias}
+            "AddAlias",
+            self._serialised(body),
+            lambda i: (i.key_id, None),
+            key,
+            details={"alias": alias},
         )
 
     def remove_alias(self, alias: str) -> KeyInfo:
@@ -452,7 +494,7 @@ class ManagedCMKStore:
 
         return self._audited(
             "RemoveAlias",
-            body,
+            self._serialised(body),
             lambda i: (i.key_id, None),
             details={"alias": alias},
         )
@@ -471,7 +513,7 @@ class ManagedCMKStore:
 
         return self._audited(
             "RenameAlias",
-            body,
+            self._serialised(body),
             lambda i: (i.key_id, None),
             details={"alias": old, "new_alias": new},
         )
@@ -482,18 +524,27 @@ class ManagedCMKStore:
         Each destroyed key gets its own ``PurgeKey`` audit record.
         """
         now = _stamp(self._clock())
-        with self.catalog.transaction() as db:
-            due = [
-                k
-                for (k,) in db.execute(
-                    "SELECT key_id FROM keys WHERE state = ? AND deletion_date <= ?",
-                    (KeyState.PENDING_DELETION.value, now),
-                )
-            ]
         purged = []
-        for key_id in due:
-            purged.append(self._purge_one(key_id, now))
+        with self.catalog.exclusive():
+            with self.catalog.transaction() as db:
+                due = [
+                    k
+                    for (k,) in db.execute(
+                        "SELECT key_id FROM keys "
+                        "WHERE state = ? AND deletion_date <= ?",
+                        (KeyState.PENDING_DELETION.value, now),
+                    )
+                ]
+            for key_id in due:
+                purged.append(self._purge_one(key_id, now))
         return purged
+
+    def _serialised(self, body: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            with self.catalog.exclusive():
+                return body()
+
+        return run
 
     # -- helpers ---------------------------------------------------------------
 
@@ -502,6 +553,7 @@ class ManagedCMKStore:
             with self.catalog.transaction() as db:
                 row = self.catalog.row(db, key_id)
             if row is None or row.state is not KeyState.PENDING_DELETION:
+                # Only possible if the catalog was edited behind our lock.
                 raise KMSError(f"key {key_id} is no longer pending deletion")
             # Material first: a crash before the catalog update repeats a no-op.
             self.backend.destroy_key(key_id)
@@ -594,7 +646,11 @@ class ManagedCMKStore:
         if date is not None:
             details = {"deletion_date": date}
         return self._audited(
-            operation, body, lambda i: (i.key_id, None), key, details=details
+            operation,
+            self._serialised(body),
+            lambda i: (i.key_id, None),
+            key,
+            details=details,
         )
 
     def _state_error(self, row: _Row, action: str) -> KMSError:

@@ -168,3 +168,55 @@ def test_audit_filters_and_never_holds_secrets(cli: CLI, tmp_path: Path) -> None
     assert os.stat(cli.state_dir / "audit.log").st_mode & 0o777 == 0o600
     text = cli.run("kms", "audit", "--key", alias).stdout
     assert "CreateDataKey" in text
+
+
+def run_parallel(cli: CLI, commands: list[list[str]]) -> list[tuple[int, str, str]]:
+    import subprocess
+
+    procs = [
+        subprocess.Popen(cli.argv(*c), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+        for c in commands
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert "Traceback" not in err, err
+        results.append((p.returncode, out, err))
+    return results
+
+
+def test_parallel_create_and_rotate_leave_every_key_usable(cli: CLI) -> None:
+    aliases = [new_alias() for _ in range(6)]
+    results = run_parallel(cli, [["kms", "create-key", "--alias", a] for a in aliases])
+    assert [r[0] for r in results] == [0] * 6
+    base = aliases[0]
+    rotations = run_parallel(cli, [["kms", "rotate-key", base] for _ in range(5)])
+    done = sum(1 for r in rotations if r[0] == 0)
+    info = run_json(cli, "kms", "describe-key", base)
+    assert info["current_version"] == 1 + done
+    # Every key, and every version of the rotated one, still wraps and unwraps.
+    for alias in aliases:
+        cli.run("kms", "create-datakey", alias)
+    doc = json.loads(cli.run("kms", "create-datakey", base).stdout)
+    assert doc["key_version"] == 1 + done
+
+
+def test_cancelled_deletion_survives_a_concurrent_purge(cli: CLI) -> None:
+    aliases = [new_alias() for _ in range(5)]
+    for a in aliases:
+        cli.run("kms", "create-key", "--alias", a)
+        cli.run("kms", "schedule-key-deletion", a, "--pending-window-days", "7")
+    db = sqlite3.connect(cli.state_dir / "keys.sqlite")
+    db.execute("UPDATE keys SET deletion_date = '2020-01-01T00:00:00Z' "
+               "WHERE state = 'PendingDeletion'")  # fmt: skip
+    db.commit()
+    db.close()
+    commands = [["kms", "cancel-key-deletion", a] for a in aliases]
+    commands += [["kms", "purge"]] * 3
+    results = run_parallel(cli, commands)
+    for alias, (code, _, _) in zip(aliases, results[:5], strict=True):
+        if code == 0:  # told the deletion was cancelled: the key must be there
+            info = run_json(cli, "kms", "describe-key", alias)
+            assert info["state"] == "Disabled", info
+    assert all(code == 0 for code, _, _ in results[5:])
