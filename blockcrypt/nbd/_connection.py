@@ -91,13 +91,15 @@ _TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 
 # Flags each command accepts (besides those the export must also advertise).
+# FUA goes on everything: with SEND_FUA advertised, the protocol says a server
+# must accept it on any command, whatever it means there.
 _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.READ: CommandFlag.FUA,
     Command.WRITE: CommandFlag.FUA,
-    Command.FLUSH: CommandFlag(0),
+    Command.FLUSH: CommandFlag.FUA,
     Command.TRIM: CommandFlag.FUA,
     Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
 }
 # Commands whose replies must be structured once structured replies are on.
 _STRUCTURED_ONLY = frozenset({int(Command.READ), int(Command.BLOCK_STATUS)})

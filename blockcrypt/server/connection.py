@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
@@ -50,6 +51,8 @@ _MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 _MAX_BATCH_BYTES = 4 * 1024 * 1024
 #: Seconds a client gets to finish the handshake.
 HANDSHAKE_TIMEOUT = 30.0
+#: Bytes all connections together may hold in the pool and in send buffers.
+DEFAULT_BUDGET = 256 * 1024 * 1024
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _ids = itertools.count(1)
 _FUA = int(CommandFlag.FUA)
@@ -57,6 +60,44 @@ _NO_HOLE = int(CommandFlag.NO_HOLE)
 _FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
 _PAYLOAD_COMMANDS = frozenset({Command.READ, Command.WRITE})
+
+
+class ByteBudget:
+    """Bytes held for clients by every connection together: payloads in the
+    thread pool and replies still queued in transports. A connection stops
+    taking requests while the total is over the limit, so a crowd of clients
+    that never read their replies cannot exhaust memory."""
+
+    def __init__(self, limit: int = DEFAULT_BUDGET) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = []
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def over(self) -> bool:
+        return self._used >= self.limit
+
+    def change(self, delta: int) -> None:
+        with self._lock:
+            self._used += delta
+            if delta >= 0 or self._used >= self.limit or not self._waiters:
+                return
+            waiters, self._waiters = self._waiters, []
+        for loop, wake in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(wake)
+
+    def wait(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+        """Call ``wake`` on ``loop`` once the total is below the limit."""
+        with self._lock:
+            if self._used >= self.limit:
+                self._waiters.append((loop, wake))
+                return
+        loop.call_soon_threadsafe(wake)
 
 
 class ClientSession(asyncio.Protocol):
@@ -68,8 +109,11 @@ class ClientSession(asyncio.Protocol):
         export: Export,
         executor: Executor,
         preinit: bool = False,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.id = next(_ids)
+        self._budget = budget or ByteBudget()
+        self._charged_buffer = 0  # our share of the budget for queued replies
         self._volume = volume
         self._executor = executor
         self._proto = NBDServerConnection([export], preinit=preinit)
@@ -138,6 +182,8 @@ class ClientSession(asyncio.Protocol):
             self._handshake_timer.cancel()
         for job in list(self._jobs):
             job.cancel()  # work not started yet is dropped; nobody is listening
+        self._budget.change(-self._charged_buffer)
+        self._charged_buffer = 0
         if not self.done.done():
             self.done.set_result(None)
         log.info("client disconnected", extra={"conn": self.id})
@@ -148,6 +194,7 @@ class ClientSession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._charge_buffer()
         self._pump()  # requests may be waiting in the parser's buffer
 
     def abort(self) -> None:
@@ -156,8 +203,10 @@ class ClientSession(asyncio.Protocol):
             self._transport.abort()
 
     def stop(self) -> None:
-        """Stop reading new requests; in-flight ones still get replies."""
+        """Stop taking requests: those already received are answered ESHUTDOWN,
+        those in flight still get their real replies."""
         self._shutting_down = True
+        self._pump()  # drain what the parser holds, answering ESHUTDOWN
         self._closing = True
         self._maybe_close()
 
@@ -170,6 +219,7 @@ class ClientSession(asyncio.Protocol):
             or self._in_flight >= _MAX_IN_FLIGHT
             or self._in_flight_bytes >= _MAX_IN_FLIGHT_BYTES
             or self._batch_bytes >= _MAX_BATCH_BYTES
+            or self._budget.over()
         )
 
     def _pump(self) -> None:
@@ -217,6 +267,15 @@ class ClientSession(asyncio.Protocol):
         if not chunks or transport is None or transport.is_closing():
             return
         transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        self._charge_buffer()
+
+    def _charge_buffer(self) -> None:
+        """Bring our share of the budget in line with what the transport holds."""
+        transport = self._transport
+        queued = 0 if transport is None else transport.get_write_buffer_size()
+        if queued != self._charged_buffer:
+            self._budget.change(queued - self._charged_buffer)
+            self._charged_buffer = queued
 
     def _other_event(self, event: object) -> None:
         if isinstance(event, RequestRejected):
@@ -299,6 +358,7 @@ class ClientSession(asyncio.Protocol):
         weight = req.length if req.command in _PAYLOAD_COMMANDS else 0
         self._in_flight += 1
         self._in_flight_bytes += weight
+        self._budget.change(weight)
         future = loop.run_in_executor(self._executor, func, *args)
         self._jobs.add(future)
         future.add_done_callback(lambda f: self._pool_done(req, weight, f))
@@ -309,6 +369,7 @@ class ClientSession(asyncio.Protocol):
         self._jobs.discard(future)
         self._in_flight -= 1
         self._in_flight_bytes -= weight
+        self._budget.change(-weight)
         if future.cancelled():
             pass
         elif (exc := future.exception()) is not None:
@@ -380,6 +441,7 @@ class ClientSession(asyncio.Protocol):
         transport.write(header)
         if data is not None:
             transport.write(data)  # type: ignore[arg-type]
+        self._charge_buffer()
 
     def _flush_proto(self) -> None:
         data = self._proto.data_to_send()
@@ -391,6 +453,8 @@ class ClientSession(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         want_pause = self._must_wait()
+        if want_pause and self._budget.over():
+            self._budget.wait(asyncio.get_running_loop(), self._pump)
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True

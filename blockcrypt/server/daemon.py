@@ -20,7 +20,7 @@ from urllib.parse import quote
 from blockcrypt.crypto import FAST_BACKEND_ERROR
 from blockcrypt.errors import ConfigError, UsageError, VolumeBusy
 from blockcrypt.nbd import Export, TransmissionFlag
-from blockcrypt.server.connection import ClientSession
+from blockcrypt.server.connection import ByteBudget, ClientSession
 from blockcrypt.volume.device import Volume
 
 __all__ = ["ListenSpec", "export_for", "serve"]
@@ -125,7 +125,10 @@ async def serve(
 
     # Each worker thread runs its own event loop; connections are spread over
     # them so that several clients (multi-conn) use several cores.
-    workers = [_Worker(volume, export, executor, i) for i in range(_loop_count())]
+    budget = ByteBudget()
+    workers = [
+        _Worker(volume, export, executor, budget, i) for i in range(_loop_count())
+    ]
     listener = _listening_socket(listen) if listen is not None else None
     for i, sock in enumerate(preconnected):
         workers[i % len(workers)].adopt(sock, preinit=True)
@@ -232,8 +235,14 @@ class _Worker:
     """An event loop in its own thread, serving the connections given to it."""
 
     def __init__(
-        self, volume: Volume, export: Export, executor: Executor, n: int
+        self,
+        volume: Volume,
+        export: Export,
+        executor: Executor,
+        budget: ByteBudget,
+        n: int,
     ) -> None:
+        self._budget = budget
         self._volume = volume
         self._export = export
         self._executor = executor
@@ -265,7 +274,9 @@ class _Worker:
         self, sock: socket.socket, preinit: bool, on_close: Callable[[], None]
     ) -> None:
         def factory() -> ClientSession:
-            session = ClientSession(self._volume, self._export, self._executor, preinit)
+            session = ClientSession(
+                self._volume, self._export, self._executor, preinit, self._budget
+            )
             self.sessions.add(session)
 
             def ended(_: object) -> None:

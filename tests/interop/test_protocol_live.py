@@ -175,3 +175,35 @@ def test_client_that_never_reads_replies_cannot_grow_server_memory(
         assert c.read(0, 4) == bytes(4)
     finally:
         c.close()
+
+
+def test_many_clients_that_never_read_share_one_memory_budget(server: Server) -> None:
+    import socket as socketmod
+    import time
+
+    clients = []
+    for _ in range(16):
+        c = RawClient(str(server.socket))
+        c.sock.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF, 4096)
+        c.sock.settimeout(0.05)
+        clients.append(c)
+    deadline = time.monotonic() + 6
+    try:
+        while time.monotonic() < deadline:
+            for c in clients:
+                try:
+                    c.send(0, 0, 32 << 20, cookie=1)
+                except TimeoutError:
+                    pass
+        time.sleep(1.0)
+        # 16 connections x (64 MiB in the pool + queued replies) would be over
+        # a gigabyte without the shared budget (256 MiB).
+        assert vm_rss_kib(server.proc.pid) < 700 * 1024
+    finally:
+        for c in clients:
+            c.sock.close()
+    c = RawClient(str(server.socket))
+    try:
+        assert c.read(0, 4) == bytes(4)
+    finally:
+        c.close()

@@ -569,3 +569,12 @@ def test_meta_context_selected_for_another_export_is_not_active() -> None:
                       + request(Command.BLOCK_STATUS, 0, 512))  # fmt: skip
     evs = events(conn)
     assert isinstance(evs[-1], RequestRejected)
+
+
+@pytest.mark.parametrize("kind", [Command.FLUSH, Command.READ, Command.TRIM])
+def test_fua_is_accepted_on_every_command(kind: Command) -> None:
+    conn = connected()
+    length = 0 if kind is Command.FLUSH else 512
+    conn.receive_data(request(kind, 0, length, flags=CommandFlag.FUA))
+    (ev,) = events(conn)
+    assert isinstance(ev, Request) and ev.flags == CommandFlag.FUA

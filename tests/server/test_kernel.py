@@ -209,7 +209,7 @@ def test_cli_attach_without_module_fails_before_unwrapping(
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "modprobe nbd" in proc.stderr
     assert (cli.state_dir / "audit.log").read_text() == before  # no unwrap
-    assert json.loads(cli.run("list", "--json").stdout) == {"attachments": []}
+    assert json.loads(cli.run("list", "--json").stdout)["attachments"] == []
     detach = cli.run("detach", "/dev/nbd0", check=False)
     assert detach.returncode == 1 and "not attached by blockcrypt" in detach.stderr
 
