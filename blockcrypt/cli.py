@@ -860,6 +860,7 @@ def _run_attached(
                 "key_version": token.key_version if token else None,
                 "read_only": volume.read_only,
                 "pid": os.getpid(),
+                "pid_start": kernel.process_start(os.getpid()),
                 "attached": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
@@ -895,8 +896,9 @@ def cmd_detach(args: argparse.Namespace) -> int:
     with kernel.NBDNetlink() as netlink:
         netlink.disconnect(kernel.device_index(device))
     pid = int(entry["pid"])
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+    if kernel.same_process(entry):  # never signal a stranger that reused the pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
     while registry.get(device) is not None and time.monotonic() < deadline:
         time.sleep(0.1)

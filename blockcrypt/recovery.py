@@ -184,16 +184,27 @@ def restore_header(path: str, backup: str, force: bool = False) -> tuple[str, st
     saved = _read(backup)
     with exclusive_volume(path) as fd:
         try:
-            current_uuid = luks2.read_header(fd).uuid
+            current: luks2.LUKS2Header | None = luks2.read_header(fd)
         except VolumeFormatError:
             if not force:
                 raise
-            current_uuid = "(unreadable)"
-        if current_uuid != saved.uuid and not force:
+            current = None
+        current_uuid = current.uuid if current is not None else "(unreadable)"
+        if current is not None and current.uuid != saved.uuid:
+            # Even --force stops here: the volume's own header is intact, and
+            # another volume's header would make all of its data unreadable.
             raise UsageError(
                 f"header backup {backup} belongs to volume {saved.uuid}, but "
-                f"{path} is volume {current_uuid}; pick the right backup, or pass "
-                "--force to overwrite anyway"
+                f"{path} is volume {current.uuid} and its header is intact; pick "
+                "this volume's backup (--force only helps when the header is "
+                "unreadable)"
+            )
+        if current is not None and saved.seqid < current.seqid and not force:
+            raise UsageError(
+                f"header backup {backup} is older (epoch {saved.seqid}) than the "
+                f"header of {path} (epoch {current.seqid}); restoring it would "
+                "undo later changes such as recovery keyslots and rewraps. Take "
+                "a fresh backup, or pass --force if you mean to go back"
             )
         _run(
             [tool, "luksHeaderRestore", "--batch-mode", path,

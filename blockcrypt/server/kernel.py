@@ -375,9 +375,32 @@ class AttachmentRegistry:
     def list(self) -> dict[str, dict[str, Any]]:
         """Return the live entries by device, dropping those of dead processes."""
         with self._locked() as entries:
-            for device in [d for d, e in entries.items() if not _alive(e.get("pid"))]:
+            for device in [d for d, e in entries.items() if not same_process(e)]:
                 del entries[device]
             return dict(entries)
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat``).
+
+    Together with the pid it names one process: a pid alone may be reused.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so split after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def same_process(entry: dict[str, Any]) -> bool:
+    """Whether the process that wrote ``entry`` is still running."""
+    pid = entry.get("pid")
+    if not _alive(pid):
+        return False
+    started = entry.get("pid_start")
+    return started is None or process_start(pid) == started  # type: ignore[arg-type]
 
 
 def _alive(pid: object) -> bool:

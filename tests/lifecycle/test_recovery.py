@@ -115,3 +115,30 @@ def test_restore_refuses_a_backup_of_another_volume(cli: CLI, tmp_path: Path) ->
     assert "belongs to volume" in proc.stderr and "--force" in proc.stderr
     assert second.read_bytes()[:32768] == before
     shutil.rmtree(other_dir)
+
+
+def test_restore_guards_against_other_volumes_and_old_backups(
+    cli: CLI, tmp_path: Path
+) -> None:
+    need_tools("cryptsetup")
+    image, _ = make_volume(cli, tmp_path)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other, _ = make_volume(cli, other_dir)
+    foreign = tmp_path / "foreign.bak"
+    cli.run("backup-header", str(other), str(foreign))
+    before = image.read_bytes()[:32768]
+
+    # Another volume's backup: refused even with --force while the header is intact.
+    proc = cli.run("restore-header", str(image), str(foreign), "--force", check=False)
+    assert proc.returncode == 2 and "intact" in proc.stderr
+    assert image.read_bytes()[:32768] == before
+
+    # An older backup of the same volume: refused unless --force.
+    old = tmp_path / "old.bak"
+    cli.run("backup-header", str(image), str(old))
+    subprocess.run(["cryptsetup", "config", "--label", "newer", str(image)], check=True)
+    proc = cli.run("restore-header", str(image), str(old), check=False)
+    assert proc.returncode == 2 and "older" in proc.stderr
+    cli.run("restore-header", str(image), str(old), "--force")
+    assert json.loads(cli.run("info", "--json", str(image)).stdout)["label"] == ""

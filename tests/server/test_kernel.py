@@ -333,3 +333,15 @@ def test_attach_hands_socketpairs_to_the_kernel_and_cleans_up(
     assert fake.disconnected == [6]
     assert kernel.AttachmentRegistry(tmp_path).list() == {}
     assert attached.pread(0, 5) == b"hello"
+
+
+def test_registry_entry_names_one_process_not_a_reusable_pid() -> None:
+    import os
+
+    from blockcrypt.server import kernel as k
+
+    me = {"pid": os.getpid(), "pid_start": k.process_start(os.getpid())}
+    assert k.same_process(me)
+    assert not k.same_process({**me, "pid_start": me["pid_start"] + 1})  # type: ignore[operator]
+    assert not k.same_process({"pid": 2**22 + 12345})
+    assert k.same_process({"pid": os.getpid()})  # entries from before the field
