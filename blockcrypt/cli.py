@@ -541,6 +541,13 @@ def cmd_disable_key(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule_key_deletion(args: argparse.Namespace) -> int:
+    from blockcrypt.kms.lifecycle import MAX_PENDING_DAYS, MIN_PENDING_DAYS
+
+    if not MIN_PENDING_DAYS <= args.pending_window_days <= MAX_PENDING_DAYS:
+        raise UsageError(
+            f"--pending-window-days {args.pending_window_days}: the waiting period "
+            f"must be {MIN_PENDING_DAYS} to {MAX_PENDING_DAYS} days"
+        )
     return _lifecycle(
         args,
         lambda s: s.schedule_key_deletion(args.key, args.pending_window_days),
@@ -780,6 +787,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     index = kernel.device_index(args.device) if args.device else None
     if not 1 <= args.connections <= 16:
         raise UsageError(f"--connections {args.connections}: expected 1 to 16")
+    if args.timeout < 0 or args.dead_conn_timeout < 0:
+        raise UsageError("--timeout and --dead-conn-timeout must not be negative")
     # Fail before touching the HSM if the kernel side is missing.
     netlink = kernel.NBDNetlink()
     try:

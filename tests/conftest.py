@@ -43,10 +43,21 @@ class CLI:
     state_dir: Path
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "blockcrypt.cli", "--state-dir", str(self.state_dir), *args]
+        return [
+            sys.executable,
+            "-m",
+            "blockcrypt.cli",
+            "--state-dir",
+            str(self.state_dir),
+            *args,
+        ]
 
-    def run(self, *args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
+    def run(
+        self, *args: str, check: bool = True, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.argv(*args), capture_output=True, text=True, timeout=120, **kw
+        )  # type: ignore[call-overload]
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"blockcrypt {' '.join(args)} exited {proc.returncode}\n{proc.stderr}"
@@ -92,7 +103,9 @@ class Server:
         return self.proc.wait(timeout=60)
 
 
-def start_server(cli: CLI, image: Path, sock: Path, *extra: str, verbose: str = "-vv") -> Server:
+def start_server(
+    cli: CLI, image: Path, sock: Path, *extra: str, verbose: str = "-vv"
+) -> Server:
     log = sock.with_suffix(".log")
     with open(log, "ab") as f:
         proc = subprocess.Popen(
@@ -129,4 +142,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     marked = item.get_closest_marker("interop") or item.get_closest_marker("root")
     if strict and report.skipped and marked and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
-        report.longrepr = f"interop test skipped where every tool must exist: {report.longrepr}"
+        report.longrepr = (
+            f"interop test skipped where every tool must exist: {report.longrepr}"
+        )

@@ -20,7 +20,9 @@ SIZE = 64 * 1024 * 1024
 
 def run(*cmd: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    )
     return proc
 
 
@@ -44,7 +46,10 @@ def test_nbdcopy_round_trip_is_bit_exact(server: Server, tmp_path: Path) -> None
     src.write_bytes(os.urandom(SIZE))
     run("nbdcopy", "--flush", str(src), server.uri)
     run("nbdcopy", server.uri, str(out))
-    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    assert (
+        hashlib.sha256(out.read_bytes()).digest()
+        == hashlib.sha256(src.read_bytes()).digest()
+    )
 
 
 def test_backing_file_holds_no_plaintext(server: Server, volume: Path) -> None:
@@ -133,7 +138,9 @@ def test_export_name_is_listed_and_required_name_works(
     srv = start_server(cli, volume, tmp_path / "named.sock", "--export-name", "disk0")
     try:
         listed = json.loads(
-            run("nbdinfo", "--json", "--list", f"nbd+unix://?socket={srv.socket}").stdout
+            run(
+                "nbdinfo", "--json", "--list", f"nbd+unix://?socket={srv.socket}"
+            ).stdout
         )
         assert [e["export-name"] for e in listed["exports"]] == ["disk0"]
         info = json.loads(run("nbdinfo", "--json", srv.uri).stdout)["exports"][0]
@@ -165,14 +172,18 @@ def test_socket_activation_by_libnbd(cli: CLI, volume: Path, tmp_path: Path) -> 
 def test_block_status_map_matches_contents(server: Server, tmp_path: Path) -> None:
     need_tools("nbdinfo", "qemu-io", "qemu-img", "nbdcopy")
     fresh = json.loads(run("nbdinfo", "--map", "--json", server.uri).stdout)
-    assert fresh == [{"offset": 0, "length": SIZE, "type": 3, "description": "hole,zero"}]
+    assert fresh == [
+        {"offset": 0, "length": SIZE, "type": 3, "description": "hole,zero"}
+    ]
 
     run("qemu-io", "-f", "raw", server.uri, "-c", "write -P 0x5a 1M 64k",
         "-c", "write -P 0x33 40M 4k")  # fmt: skip
     mapped = json.loads(run("nbdinfo", "--map", "--json", server.uri).stdout)
     data = [(e["offset"], e["length"]) for e in mapped if e["type"] == 0]
     assert data == [(1 << 20, 65536), (40 << 20, 4096)]
-    qmap = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", server.uri).stdout)
+    qmap = json.loads(
+        run("qemu-img", "map", "--output=json", "-f", "raw", server.uri).stdout
+    )
     assert [(e["start"], e["length"]) for e in qmap if e["data"]] == data
 
     # A sparse-aware copy out (it skips what BLOCK_STATUS calls zero) is exact.

@@ -24,7 +24,9 @@ def fails(cli: CLI, *args: str, code: int = 1) -> str:
     return proc.stderr
 
 
-def test_wrong_pin_says_which_token_and_file(cli: CLI, cmk: str, tmp_path: Path) -> None:
+def test_wrong_pin_says_which_token_and_file(
+    cli: CLI, cmk: str, tmp_path: Path
+) -> None:
     state = tmp_path / "state"
     shutil.copytree(cli.state_dir, state)
     real_pin = (state / "pin").read_text().strip()
@@ -146,7 +148,9 @@ def test_bad_sizes_and_existing_target(cli: CLI, cmk: str, volume: Path) -> None
     assert volume.read_bytes()[:32768] == before
 
 
-def test_socket_path_that_is_a_regular_file(cli: CLI, volume: Path, tmp_path: Path) -> None:
+def test_socket_path_that_is_a_regular_file(
+    cli: CLI, volume: Path, tmp_path: Path
+) -> None:
     target = tmp_path / "not-a-socket"
     target.write_text("keep me")
     err = fails(cli, "serve", str(volume), "--socket", str(target), code=78)
@@ -185,7 +189,9 @@ def test_truncated_volume_is_refused(cli: CLI, volume: Path, tmp_path: Path) -> 
     assert "truncated" in err
 
 
-def test_serving_with_a_damaged_copy_warns(cli: CLI, volume: Path, tmp_path: Path) -> None:
+def test_serving_with_a_damaged_copy_warns(
+    cli: CLI, volume: Path, tmp_path: Path
+) -> None:
     with open(volume, "r+b") as f:
         f.seek(0)
         f.write(b"\x00\x00\x00\x00")
@@ -195,7 +201,9 @@ def test_serving_with_a_damaged_copy_warns(cli: CLI, volume: Path, tmp_path: Pat
     assert "damaged LUKS2 header copy" in log and "cryptsetup repair" in log
 
 
-def test_missing_c_cipher_is_said_loudly(cli: CLI, volume: Path, tmp_path: Path) -> None:
+def test_missing_c_cipher_is_said_loudly(
+    cli: CLI, volume: Path, tmp_path: Path
+) -> None:
     import sys
 
     block = "import sys; sys.modules['blockcrypt.crypto._xts_ext'] = None; "

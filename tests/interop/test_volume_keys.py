@@ -125,7 +125,13 @@ def test_no_secret_reaches_logs_or_output(cli: CLI, cmk: str, tmp_path: Path) ->
     dek = unwrap_dek(cli, image, tmp_path / "dek")
     pin = (cli.state_dir / "pin").read_text().strip()
     so_pin = (cli.state_dir / "so-pin").read_text().strip()
-    texts = [srv.log.read_text(), created.stdout, created.stderr, info.stdout, info.stderr]
+    texts = [
+        srv.log.read_text(),
+        created.stdout,
+        created.stderr,
+        info.stdout,
+        info.stderr,
+    ]
     forbidden = [
         dek.hex(), dek.hex().upper(), base64.b64encode(dek).decode(),
         dek[:32].hex(), dek[32:].hex(), pin, so_pin, secret_data.decode(),

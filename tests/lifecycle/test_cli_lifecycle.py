@@ -75,7 +75,13 @@ def test_lifecycle_commands_round_trip(cli: CLI) -> None:
     assert pending["state"] == "PendingDeletion"
     assert pending["deletion_date"]
     assert "7 to 1096" in fail(
-        cli, "kms", "schedule-key-deletion", key_id, "--pending-window-days", "1097"
+        cli,
+        "kms",
+        "schedule-key-deletion",
+        key_id,
+        "--pending-window-days",
+        "1097",
+        code=2,
     )
     assert "cannot be rotated" in fail(cli, "kms", "rotate-key", key_id)
     back = run_json(cli, "kms", "cancel-key-deletion", key_id)
@@ -174,8 +180,9 @@ def run_parallel(cli: CLI, commands: list[list[str]]) -> list[tuple[int, str, st
     import subprocess
 
     procs = [
-        subprocess.Popen(cli.argv(*c), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
+        subprocess.Popen(
+            cli.argv(*c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # fmt: skip
         for c in commands
     ]
     results = []

@@ -204,7 +204,9 @@ def test_abort_acks_and_disconnects() -> None:
 def test_export_name_pads_124_zeros_unless_no_zeroes(client_flags: int) -> None:
     conn = NBDServerConnection([EXPORT])
     conn.data_to_send()
-    conn.receive_data(struct.pack(">I", client_flags) + option(Option.EXPORT_NAME, b"vol"))
+    conn.receive_data(
+        struct.pack(">I", client_flags) + option(Option.EXPORT_NAME, b"vol")
+    )
     assert events(conn) == [ExportChosen(EXPORT)]
     out = conn.data_to_send()
     expected = struct.pack(">QH", SIZE, RW_FLAGS)
@@ -318,7 +320,9 @@ def test_read_only_export_refuses_writes_with_eperm(kind: Command) -> None:
 def test_fast_zero_refused_when_not_advertised() -> None:
     flags = RW_FLAGS & ~TransmissionFlag.SEND_FAST_ZERO
     conn = connected(Export(name="v", size=SIZE, flags=flags))
-    conn.receive_data(request(Command.WRITE_ZEROES, 0, 512, flags=CommandFlag.FAST_ZERO))
+    conn.receive_data(
+        request(Command.WRITE_ZEROES, 0, 512, flags=CommandFlag.FAST_ZERO)
+    )
     (ev,) = events(conn)
     assert isinstance(ev, RequestRejected) and ev.error == Errno.EINVAL
 
@@ -398,7 +402,9 @@ def test_whole_session_events() -> None:
 @given(st.lists(st.integers(min_value=0, max_value=len(SESSION)), max_size=40))
 def test_any_chunking_gives_the_same_events_and_bytes(cuts: list[int]) -> None:
     points = sorted(set(cuts))
-    chunks = [SESSION[a:b] for a, b in zip([0, *points], [*points, len(SESSION)], strict=True)]
+    chunks = [
+        SESSION[a:b] for a, b in zip([0, *points], [*points, len(SESSION)], strict=True)
+    ]
     assert run_chunks([c for c in chunks if c]) == run_chunks([SESSION])
 
 
@@ -443,11 +449,15 @@ def meta_payload(name: str, *queries: str) -> bytes:
     return out
 
 
-def structured(export: Export = STATUS_EXPORT, select: bool = True) -> NBDServerConnection:
+def structured(
+    export: Export = STATUS_EXPORT, select: bool = True
+) -> NBDServerConnection:
     conn = NBDServerConnection([export])
     stream = CLIENT_FLAGS + option(Option.STRUCTURED_REPLY)
     if select:
-        stream += option(Option.SET_META_CONTEXT, meta_payload("vol", "base:allocation"))
+        stream += option(
+            Option.SET_META_CONTEXT, meta_payload("vol", "base:allocation")
+        )
     conn.receive_data(stream + option(Option.GO, go_payload("vol")))
     assert isinstance(events(conn)[-1], ExportChosen)
     conn.data_to_send()
@@ -524,7 +534,9 @@ def test_structured_read_reply_and_error_chunks() -> None:
     (ev,) = events(conn)
     assert isinstance(ev, RequestRejected)
     out = conn.data_to_send()
-    magic, flags, kind, cookie, length, error, msg_len = struct.unpack_from(">IHHQIIH", out)
+    magic, flags, kind, cookie, length, error, msg_len = struct.unpack_from(
+        ">IHHQIIH", out
+    )
     assert (magic, flags, kind, cookie, error) == (0x668E33EF, 1, 0x8001, 9, 22)
     assert len(out) == 20 + length and msg_len == length - 6
     # other commands still get simple replies

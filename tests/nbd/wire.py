@@ -26,7 +26,10 @@ def request(
     kind: int, offset: int = 0, length: int = 0, cookie: int = 1, flags: int = 0,
     data: bytes = b"",
 ) -> bytes:  # fmt: skip
-    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, kind, cookie, offset, length) + data
+    return (
+        struct.pack(">IHHQQI", REQUEST_MAGIC, flags, kind, cookie, offset, length)
+        + data
+    )
 
 
 def parse_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:

@@ -10,7 +10,9 @@ from blockcrypt.volume import luks2
 from blockcrypt.volume.device import FORMAT_VERSION, Volume
 
 
-def make_volume(store: MemoryCMKStore, path: Path, size: int, sector_size: int = 4096) -> None:
+def make_volume(
+    store: MemoryCMKStore, path: Path, size: int, sector_size: int = 4096
+) -> None:
     """Create a volume file wrapped by the store's first key (created on demand)."""
     keys = store.list_keys()
     key = keys[0] if keys else store.create_key("unit")

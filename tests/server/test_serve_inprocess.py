@@ -78,8 +78,13 @@ def run_server(attached: Volume, tmp_path, client, **kw) -> None:  # type: ignor
     t = threading.Thread(target=body)
     t.start()
     loop.run_until_complete(
-        serve(attached, ListenSpec(unix_path=path), on_ready=lambda _: ready.set(),
-              stop=stop, **kw)  # fmt: skip
+        serve(
+            attached,
+            ListenSpec(unix_path=path),
+            on_ready=lambda _: ready.set(),
+            stop=stop,
+            **kw,
+        )  # fmt: skip
     )
     t.join()
     loop.close()
@@ -87,7 +92,9 @@ def run_server(attached: Volume, tmp_path, client, **kw) -> None:  # type: ignor
         raise errors[0]
 
 
-def test_handshake_timeout_closes_silent_clients(attached: Volume, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_handshake_timeout_closes_silent_clients(
+    attached: Volume, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     from blockcrypt.server import connection
 
     monkeypatch.setattr(connection, "HANDSHAKE_TIMEOUT", 0.3)

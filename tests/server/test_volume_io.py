@@ -30,7 +30,9 @@ def test_random_unaligned_io_matches_reference(attached: Volume) -> None:
             attached.pwrite(off, data, fua=rng.random() < 0.1)
             ref[off : off + n] = data
         elif op < 0.8:
-            attached.write_zeroes(off, n, no_hole=rng.random() < 0.5, fast=False, fua=False)
+            attached.write_zeroes(
+                off, n, no_hole=rng.random() < 0.5, fast=False, fua=False
+            )
             ref[off : off + n] = bytes(n)
         else:
             assert attached.pread(off, n) == ref[off : off + n]
@@ -72,7 +74,9 @@ def test_concurrent_single_byte_writes_in_one_sector(attached: Volume) -> None:
     assert attached.pread(100, 512) == bytes(k % 255 + 1 for k in range(512))
 
 
-def test_second_attach_is_refused_until_close(store: MemoryCMKStore, tmp_path: Path) -> None:
+def test_second_attach_is_refused_until_close(
+    store: MemoryCMKStore, tmp_path: Path
+) -> None:
     from tests.server.conftest import make_volume
 
     path = tmp_path / "busy.img"
@@ -88,7 +92,9 @@ def test_second_attach_is_refused_until_close(store: MemoryCMKStore, tmp_path: P
     Volume.attach(str(path), store).close()
 
 
-def test_ciphertext_differs_from_plaintext(store: MemoryCMKStore, tmp_path: Path) -> None:
+def test_ciphertext_differs_from_plaintext(
+    store: MemoryCMKStore, tmp_path: Path
+) -> None:
     from tests.server.conftest import make_volume
 
     path = tmp_path / "ct.img"
