@@ -78,7 +78,7 @@ def test_pipelined_requests_all_answered_by_cookie(server: Server) -> None:
             c.send(1, i * 4096, 4096, cookie=100 + i, data=data)
         cookies = {c.reply()[1] for _ in blocks}
         assert cookies == {100 + i for i in blocks}
-        for i, data in blocks.items():
+        for i in blocks:
             c.send(0, i * 4096, 4096, cookie=200 + i)
         got = {}
         for _ in blocks:
