@@ -19,6 +19,7 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from typing import cast
 
 from blockcrypt.errors import BlockcryptError
 from blockcrypt.nbd import (
@@ -426,9 +427,11 @@ class ClientSession(asyncio.Protocol):
         if error:
             header, data = proto.error_reply(req.cookie, req.command, error), None
         elif req.command is Command.READ:
-            header = proto.read_reply_header(req.cookie, req.offset, len(data))  # type: ignore[arg-type]
+            payload = cast("bytes | bytearray | memoryview", data)
+            header = proto.read_reply_header(req.cookie, req.offset, len(payload))
         elif req.command is Command.BLOCK_STATUS:
-            header, data = proto.block_status_reply(req.cookie, data), None  # type: ignore[arg-type]
+            extents = cast("list[tuple[int, int]]", data)
+            header, data = proto.block_status_reply(req.cookie, extents), None
         else:
             header, data = proto.reply_header(req.cookie), None
         batch = self._batch
