@@ -29,6 +29,7 @@ from blockcrypt.audit import AuditLog, parse_time
 from blockcrypt.config import Config, load_config
 from blockcrypt.errors import (
     BlockcryptError,
+    ConfigError,
     KernelNBDError,
     KMSError,
     StorageError,
@@ -149,7 +150,18 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(config_path, state_dir)
 
 
+def _valid_alias(alias: str) -> str:
+    from blockcrypt.kms._base import check_alias
+
+    try:
+        return check_alias(alias)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_create_key(args: argparse.Namespace) -> int:
+    _valid_alias(args.alias)
+
     def body(store: ManagedCMKStore) -> int:
         info = store.create_key(args.alias)
         _emit(args, info.to_json(), _key_text(info))
@@ -244,6 +256,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     from blockcrypt.volume import luks2
     from blockcrypt.volume.device import FORMAT_VERSION
 
+    if os.path.lexists(args.path):
+        raise UsageError(
+            f"{args.path} already exists; refusing to format over it (pick a new path)"
+        )
     if args.label and not args.label.isprintable():
         raise UsageError("--label must be printable text (no newlines or tabs)")
     size = parse_size(args.size)
@@ -568,6 +584,7 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
 
 
 def cmd_add_alias(args: argparse.Namespace) -> int:
+    _valid_alias(args.alias)
     return _lifecycle(args, lambda s: s.add_alias(args.key, args.alias), "alias added")
 
 
@@ -576,6 +593,7 @@ def cmd_remove_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_rename_alias(args: argparse.Namespace) -> int:
+    _valid_alias(args.new_alias)
     return _lifecycle(
         args, lambda s: s.rename_alias(args.alias, args.new_alias), "alias renamed"
     )
@@ -699,7 +717,11 @@ def _read_new_passphrase(args: argparse.Namespace) -> bytes:
     from blockcrypt.config import read_secret_file
 
     if args.passphrase_file:
-        return read_secret_file(Path(args.passphrase_file)).get_secret_value().encode()
+        try:
+            secret = read_secret_file(Path(args.passphrase_file), "passphrase")
+        except ConfigError as exc:  # a command-line value, not configuration
+            raise UsageError(str(exc)) from None
+        return secret.get_secret_value().encode()
     if not sys.stdin.isatty():
         raise UsageError(
             "no terminal to read the new passphrase from; pass "

@@ -68,10 +68,10 @@ class PKCS11Config(BaseModel):
         return read_secret_file(self.pin_file)
 
 
-def read_secret_file(path: Path) -> SecretStr:
+def read_secret_file(path: Path, what: str = "PIN") -> SecretStr:
     """Read a PIN or other short secret from a private file.
 
-    One trailing newline is dropped.
+    One trailing newline is dropped. ``what`` names the secret in messages.
 
     Raises:
         ConfigError: the file is missing, not a regular file, readable or
@@ -80,47 +80,50 @@ def read_secret_file(path: Path) -> SecretStr:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
+        hint = "the token's user PIN" if what == "PIN" else f"the {what}"
         raise ConfigError(
-            f"cannot open PIN file {str(path)!r}: {exc.strerror}; create it "
-            "with the token's user PIN and mode 0600"
+            f"cannot open {what} file {str(path)!r}: {exc.strerror}; create it "
+            f"with {hint} and mode 0600"
         ) from exc
     try:
-        _check_pin_file(path, os.fstat(fd))
+        _check_pin_file(path, os.fstat(fd), what)
         raw = os.read(fd, _MAX_PIN_FILE + 1)
     finally:
         os.close(fd)
-    return _decode_pin(path, raw)
+    return _decode_pin(path, raw, what)
 
 
-def _check_pin_file(path: Path, info: os.stat_result) -> None:
+def _check_pin_file(path: Path, info: os.stat_result, what: str) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(
-            f"PIN file {str(path)!r} is not a regular file; point pin_file at a "
-            "file that holds only the PIN"
+            f"{what} file {str(path)!r} is not a regular file; give a file that "
+            f"holds only the {what}"
         )
     if info.st_mode & 0o077:
         raise ConfigError(
-            f"PIN file {str(path)!r} has mode {stat.S_IMODE(info.st_mode):04o}; "
+            f"{what} file {str(path)!r} has mode {stat.S_IMODE(info.st_mode):04o}; "
             f"group and others must have no access: run `chmod 600 {path}`"
         )
 
 
-def _decode_pin(path: Path, raw: bytes) -> SecretStr:
+def _decode_pin(path: Path, raw: bytes, what: str) -> SecretStr:
     if len(raw) > _MAX_PIN_FILE:
         raise ConfigError(
-            f"PIN file {str(path)!r} is longer than {_MAX_PIN_FILE} bytes; it "
-            "must hold only the PIN"
+            f"{what} file {str(path)!r} is longer than {_MAX_PIN_FILE} bytes; it "
+            f"must hold only the {what}"
         )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"PIN file {str(path)!r} is not UTF-8 text") from None
+        raise ConfigError(f"{what} file {str(path)!r} is not UTF-8 text") from None
     if text.endswith("\n"):
         text = text[:-1]
         if text.endswith("\r"):
             text = text[:-1]
     if not text:
-        raise ConfigError(f"PIN file {str(path)!r} is empty; write the PIN into it")
+        raise ConfigError(
+            f"{what} file {str(path)!r} is empty; write the {what} into it"
+        )
     return SecretStr(text)
 
 

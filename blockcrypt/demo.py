@@ -40,7 +40,8 @@ class DemoError(BlockcryptError):
 
 
 def _blockcrypt(args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "blockcrypt.cli"]
+    # -P: never import a "blockcrypt" directory that happens to be in the cwd.
+    cmd = [sys.executable, "-P", "-m", "blockcrypt.cli"]
     if args.state_dir:
         cmd += ["--state-dir", args.state_dir]
     if args.config:
@@ -49,7 +50,8 @@ def _blockcrypt(args: argparse.Namespace) -> list[str]:
 
 
 def _show(cmd: list[str]) -> None:
-    shown = ["blockcrypt", *cmd[3:]] if cmd[1:3] == ["-m", "blockcrypt.cli"] else cmd
+    prefix = ["-P", "-m", "blockcrypt.cli"]
+    shown = ["blockcrypt", *cmd[4:]] if cmd[1:4] == prefix else cmd
     print(f"$ {shlex.join(shown)}", flush=True)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from blockcrypt.crypto import FAST_BACKEND_ERROR
-from blockcrypt.errors import ConfigError, UsageError, VolumeBusy
+from blockcrypt.errors import UsageError, VolumeBusy
 from blockcrypt.nbd import Export, TransmissionFlag
 from blockcrypt.server.connection import ByteBudget, ClientSession
 from blockcrypt.volume.device import Volume
@@ -385,7 +385,7 @@ def _listening_socket(listen: ListenSpec) -> socket.socket:
         except (OSError, ValueError) as exc:
             sock.close()
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise ConfigError(
+            raise UsageError(
                 f"cannot listen on --socket {listen.unix_path}: {reason}"
             ) from exc
         finally:
@@ -395,7 +395,7 @@ def _listening_socket(listen: ListenSpec) -> socket.socket:
         try:
             sock = socket.create_server((listen.host or "127.0.0.1", listen.port or 0))
         except OSError as exc:
-            raise ConfigError(
+            raise UsageError(
                 f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}"
             ) from exc
     sock.setblocking(False)
@@ -408,7 +408,7 @@ def _clear_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise ConfigError(
+        raise UsageError(
             f"--socket {path} exists and is not a socket; pick another path"
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
