@@ -1194,7 +1194,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--force",
         action="store_true",
-        help="restore even if the backup has another volume UUID",
+        help="restore over an unreadable header, or an older backup over a newer "
+        "header of the same volume (never another volume's over an intact one)",
     )
 
     sp = add(
@@ -1238,7 +1239,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--socket",
         help="Unix socket path, mode 0600 (default: "
-        "/run/blockcrypt/NAME.sock for root)",
+        "/run/blockcrypt/FILENAME.sock for root, e.g. db.img.sock)",
     )
     where.add_argument(
         "--listen",
