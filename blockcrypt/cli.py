@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from blockcrypt import __version__
 from blockcrypt.audit import AuditLog, parse_time
 from blockcrypt.config import Config, load_config
+from blockcrypt.crypto import XTSKey
 from blockcrypt.errors import (
     BlockcryptError,
     ConfigError,
@@ -220,6 +221,10 @@ def cmd_create_datakey(args: argparse.Namespace) -> int:
 
 
 def cmd_decrypt_datakey(args: argparse.Namespace) -> int:
+    if args.volume:
+        if args.input:
+            raise UsageError("pass either --volume or --in, not both")
+        return _decrypt_volume_key(args)
     source = args.input or "standard input"
     try:
         text = Path(args.input).read_text() if args.input else sys.stdin.read()
@@ -241,15 +246,44 @@ def cmd_decrypt_datakey(args: argparse.Namespace) -> int:
             )
         context = encryption_context(volume_uuid, FORMAT_VERSION, wrapped.key_id)
         key = store.decrypt_datakey(wrapped, context)
-        try:
-            _write_secret_file(args.plaintext_file, bytes(key))
-        finally:
-            key.wipe()
-        doc = {"key_id": wrapped.key_id, "plaintext_file": args.plaintext_file}
-        _emit(args, doc, f"data key unwrapped into {args.plaintext_file} (mode 0600)")
-        return 0
+        return _save_plaintext_key(args, key, wrapped.key_id)
 
     return _with_store(args, body)
+
+
+def _decrypt_volume_key(args: argparse.Namespace) -> int:
+    """Unwrap a volume's own DEK, checked against its header digest."""
+    from blockcrypt.volume import luks2
+    from blockcrypt.volume.device import unwrap_key
+
+    fd = _open_volume_file(args.volume)
+    try:
+        header = luks2.read_header(fd)
+    finally:
+        os.close(fd)
+
+    def body(store: ManagedCMKStore) -> int:
+        info = store.describe_key(args.key)
+        token = header.token
+        if token is not None and token.key_id != info.key_id:
+            raise UsageError(
+                f"{args.volume} is wrapped by {token.key_id}, not by {args.key} "
+                f"({info.key_id}); pass the right key"
+            )
+        key = unwrap_key(args.volume, header, store)
+        return _save_plaintext_key(args, key, info.key_id)
+
+    return _with_store(args, body)
+
+
+def _save_plaintext_key(args: argparse.Namespace, key: XTSKey, key_id: str) -> int:
+    try:
+        _write_secret_file(args.plaintext_file, bytes(key))
+    finally:
+        key.wipe()
+    doc = {"key_id": key_id, "plaintext_file": args.plaintext_file}
+    _emit(args, doc, f"data key unwrapped into {args.plaintext_file} (mode 0600)")
+    return 0
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -1044,13 +1078,19 @@ def build_parser() -> argparse.ArgumentParser:
         ksub,
         "decrypt-datakey",
         cmd_decrypt_datakey,
-        "unwrap a data key printed by create-datakey",
+        "unwrap a data key printed by create-datakey, or a volume's own key",
     )
     sp.add_argument("key", help="key id or alias that wrapped it")
     sp.add_argument(
         "--in",
         dest="input",
         help="file with the wrapped key JSON (default: standard input)",
+    )
+    sp.add_argument(
+        "--volume",
+        metavar="PATH",
+        help="unwrap the DEK of this volume instead (for cryptsetup "
+        "--volume-key-file; the key is checked against the header's digest)",
     )
     sp.add_argument(
         "--plaintext-file",

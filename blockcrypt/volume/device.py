@@ -42,7 +42,7 @@ from blockcrypt.volume import luks2
 from blockcrypt.volume._fileops import punch_hole, try_ofd_lock
 from blockcrypt.volume._rangelock import RangeLock
 
-__all__ = ["FORMAT_VERSION", "Volume", "VolumeInfo"]
+__all__ = ["FORMAT_VERSION", "Volume", "VolumeInfo", "unwrap_key"]
 
 log = logging.getLogger("blockcrypt.server")
 
@@ -117,7 +117,7 @@ class Volume:
         try:
             header = luks2.read_header(fd)
             _check_size(path, fd, header)
-            key = _unwrap(path, header, store)
+            key = unwrap_key(path, header, store)
             try:
                 return cls(path, fd, lock_fd, header, key, read_only)
             except BaseException:
@@ -462,7 +462,17 @@ def _check_size(path: str, fd: int, header: luks2.LUKS2Header) -> None:
         )
 
 
-def _unwrap(path: str, header: luks2.LUKS2Header, store: CMKStore) -> XTSKey:
+def unwrap_key(path: str, header: luks2.LUKS2Header, store: CMKStore) -> XTSKey:
+    """Unwrap the DEK in ``header``'s token through ``store`` and check it
+    against the header's digest.
+
+    Raises:
+        VolumeFormatError: no blockcrypt-kms token, or an unknown format version.
+        UnwrapFailed: wrapped for another volume or key, or corrupt (the
+            message says which UUID the key was wrapped for if it differs).
+        WrongKey: the unwrapped key does not match the digest.
+        KMSError: other refusals of the store (a disabled key, ...).
+    """
     token = header.token
     if token is None:
         raise VolumeFormatError(

@@ -25,11 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from blockcrypt.crypto.xts import XTSKey
-from blockcrypt.errors import StorageError, VolumeBusy, VolumeFormatError, WrongKey
-from blockcrypt.kms import CMKStore, WrappedKey, encryption_context
+from blockcrypt.errors import StorageError, VolumeBusy, VolumeFormatError
+from blockcrypt.kms import CMKStore, encryption_context
 from blockcrypt.volume import luks2
 from blockcrypt.volume._fileops import try_ofd_lock
-from blockcrypt.volume.device import FORMAT_VERSION
+from blockcrypt.volume.device import FORMAT_VERSION, unwrap_key
 
 __all__ = ["RewrapResult", "exclusive_volume", "rewrap_volume", "unwrap_volume_key"]
 
@@ -86,24 +86,9 @@ def unwrap_volume_key(
         WrongKey: the unwrapped key does not match the digest.
         KMSError: from the store (disabled key, unwrap failure, ...).
     """
-    token = header.token
-    if token is None:
-        raise VolumeFormatError(
-            f"{path} has no '{luks2.TOKEN_TYPE}' token, so no wrapped key to "
-            "work with; restore a header backup that has one"
-        )
-    wrapped = WrappedKey(
-        token.key_id, token.key_version, token.mechanism, token.iv, token.wrapped_dek
-    )
-    context = encryption_context(header.uuid, FORMAT_VERSION, token.key_id)
-    key = store.decrypt_datakey(wrapped, context)
-    if not luks2.verify_dek(header, key):
-        key.wipe()
-        raise WrongKey(
-            f"{path}: the key unwrapped from the token does not match the "
-            "volume's key digest; the header was altered. Restore a header backup"
-        )
-    return token, key
+    key = unwrap_key(path, header, store)
+    assert header.token is not None  # unwrap_key refuses a header without one
+    return header.token, key
 
 
 def rewrap_volume(

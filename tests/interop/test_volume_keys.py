@@ -142,3 +142,17 @@ def test_no_secret_reaches_logs_or_output(cli: CLI, cmk: str, tmp_path: Path) ->
         for secret in forbidden:
             assert secret not in text
     assert dek not in srv.log.read_bytes()
+
+
+def test_decrypt_datakey_from_the_volume_itself(cli: CLI, cmk: str, tmp_path: Path) -> None:
+    image = tmp_path / "v.img"
+    cli.run("create", str(image), "--size", "16M", "--key", cmk)
+    via_json = unwrap_dek(cli, image, tmp_path / "a.key")
+    out = tmp_path / "b.key"
+    cli.run("kms", "decrypt-datakey", cmk, "--volume", str(image), "--plaintext-file", str(out))
+    assert out.read_bytes() == via_json and out.stat().st_mode & 0o777 == 0o600
+    other = json.loads(cli.run("kms", "create-key", "--alias", "other-" + out.name, "--json").stdout)
+    proc = cli.run("kms", "decrypt-datakey", other["key_id"], "--volume", str(image),
+                   "--plaintext-file", str(tmp_path / "c.key"), check=False)  # fmt: skip
+    assert proc.returncode == 2 and "wrapped by" in proc.stderr
+    assert not (tmp_path / "c.key").exists()
