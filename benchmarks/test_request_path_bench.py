@@ -119,3 +119,26 @@ def test_session_inline_4k_reads(benchmark, volume: Volume) -> None:  # type: ig
     assert transport.written >= 32 * (4096 + 16)
     benchmark.extra_info["requests"] = 32
     loop.close()
+
+
+def test_session_inline_4k_writes(benchmark, volume: Volume) -> None:  # type: ignore[no-untyped-def]
+    """32 pipelined 4 KiB WRITEs through a whole session, as one input chunk."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    payload = os.urandom(4096)
+    blob = b"".join(
+        request(Command.WRITE, i * 8192, 4096, cookie=i, data=payload)
+        for i in range(32)
+    )
+
+    async def make() -> tuple[ClientSession, _SinkTransport]:
+        session = ClientSession(volume, export_for(volume, ""), None, preinit=True)  # type: ignore[arg-type]
+        transport = _SinkTransport()
+        session.connection_made(transport)
+        return session, transport
+
+    session, transport = loop.run_until_complete(make())
+    benchmark(session.data_received, blob)
+    assert transport.written >= 32 * 16
+    benchmark.extra_info["requests"] = 32
+    loop.close()

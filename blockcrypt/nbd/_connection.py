@@ -70,6 +70,7 @@ _CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
 _DATA_CHUNK = struct.Struct(">IHHQIQ")  # ... and the offset of OFFSET_DATA
 _ERROR_CHUNK = struct.Struct(">IHHQIIH")  # ... and error, message length
 _DONE = int(ReplyFlag.DONE)
+_READ_ONLY = int(TransmissionFlag.READ_ONLY)
 _SERVER_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 
 
@@ -108,10 +109,10 @@ _COMMANDS = {int(c): c for c in Command}
 # Flags values seen so far, as IntFlags: building one per request is slow.
 _FLAGS: dict[int, CommandFlag] = {}
 # What each command needs the export to advertise.
-_NEEDS_FLAG: dict[Command, TransmissionFlag] = {
-    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Command.TRIM: TransmissionFlag.SEND_TRIM,
-    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+_NEEDS_FLAG: dict[Command, int] = {
+    Command.FLUSH: int(TransmissionFlag.SEND_FLUSH),
+    Command.TRIM: int(TransmissionFlag.SEND_TRIM),
+    Command.WRITE_ZEROES: int(TransmissionFlag.SEND_WRITE_ZEROES),
 }
 # Error for a range past the end: writes say "no space", the rest "invalid".
 _PAST_END_ERROR: dict[Command, Errno] = {
@@ -146,6 +147,7 @@ class NBDServerConnection:
         self._after_skip: Event | None = None
         self.export: Export | None = None
         self._allowed: dict[Command, int] = {}
+        self._export_flags = 0
         self._structured = False
         # SET_META_CONTEXT selection: (export it was made for, context names)
         self._meta: tuple[Export, tuple[str, ...]] | None = None
@@ -465,6 +467,7 @@ class NBDServerConnection:
 
     def _start_transmission(self, export: Export) -> ExportChosen:
         self.export = export
+        self._export_flags = int(export.flags)  # int & int beats IntFlag's &
         # Flags each command accepts on this export, as plain ints: the
         # complement of an IntFlag keeps only defined bits.
         self._allowed = {c: int(f) for c, f in _ALLOWED_FLAGS.items()}
@@ -527,7 +530,7 @@ class NBDServerConnection:
         assert export is not None
         if command is None:
             return Errno.EINVAL, f"unknown command type {kind}"
-        if command in _WRITING and export.flags & TransmissionFlag.READ_ONLY:
+        if command in _WRITING and self._export_flags & _READ_ONLY:
             return Errno.EPERM, "export is read-only"
         allowed = self._allowed.get(command)
         if allowed is None:
@@ -537,7 +540,7 @@ class NBDServerConnection:
         if flags & ~allowed:
             return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
         needed = _NEEDS_FLAG.get(command)
-        if needed is not None and not export.flags & needed:
+        if needed is not None and not self._export_flags & needed:
             return Errno.EINVAL, f"{command.name} was not advertised"
         if command is Command.FLUSH:
             if offset or length:

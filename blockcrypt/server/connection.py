@@ -314,9 +314,10 @@ class ClientSession(asyncio.Protocol):
             self._reply(req, Errno.ESHUTDOWN, None)
             return
         command = req.command
-        fua = req.flags & _FUA
+        flags = int(req.flags)  # IntFlag's & runs in Python; an int's does not
+        fua = flags & _FUA
         if command is Command.BLOCK_STATUS:
-            one = bool(req.flags & _REQ_ONE)
+            one = bool(flags & _REQ_ONE)
             self._run_inline(req, self._volume.extents, req.offset, req.length,
                              1 if one else 1024)  # fmt: skip
         elif command is Command.READ and req.length <= _INLINE_READ_MAX:
@@ -324,11 +325,12 @@ class ClientSession(asyncio.Protocol):
         elif command is Command.WRITE and req.length <= _INLINE_MAX and not fua:
             self._run_inline(req, self._volume.write_owned, req.offset, req.data, False)
         else:
-            self._run_in_pool(req, *self._job(req, bool(fua)))
+            self._run_in_pool(req, *self._job(req, flags))
 
     def _job(
-        self, req: Request, fua: bool
+        self, req: Request, flags: int
     ) -> tuple[Callable[..., object], tuple[object, ...]]:
+        fua = bool(flags & _FUA)
         vol = self._volume
         command = req.command
         if command is Command.READ:
@@ -339,8 +341,8 @@ class ClientSession(asyncio.Protocol):
             return vol.flush, ()
         if command is Command.TRIM:
             return vol.trim, (req.offset, req.length, fua)
-        no_hole = bool(req.flags & _NO_HOLE)
-        fast = bool(req.flags & _FAST_ZERO)
+        no_hole = bool(flags & _NO_HOLE)
+        fast = bool(flags & _FAST_ZERO)
         return vol.write_zeroes, (req.offset, req.length, no_hole, fast, fua)
 
     def _run_inline(

@@ -15,7 +15,8 @@ class RangeLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # A plain Lock: the default RLock costs more and nothing here re-enters.
+        self._cond = threading.Condition(threading.Lock())
         self._held: list[tuple[int, int]] = []
 
     def hold(self, start: int, end: int) -> _Held:
