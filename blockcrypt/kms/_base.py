@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from blockcrypt.crypto.xts import KEY_SIZE, XTSKey
-from blockcrypt.errors import KMSError
+from blockcrypt.errors import KMSError, UnwrapFailed
 
 __all__ = [
     "ALIAS_PATTERN",
@@ -304,6 +304,22 @@ def unwrap_failed_message(key_id: str, alias: str | None, detail: str) -> str:
         "corrupt; check that the header belongs to this volume and names the "
         "right key, and restore the header from a backup if it was damaged"
     )
+
+
+def unwrapped_key(plaintext: bytearray, info: KeyInfo) -> XTSKey:
+    """Turn an unwrapped DEK buffer into an ``XTSKey``, then zero the buffer.
+
+    Raises:
+        UnwrapFailed: the plaintext is not a usable AES-256-XTS key.
+    """
+    try:
+        return XTSKey(plaintext)
+    except ValueError as exc:
+        raise UnwrapFailed(
+            unwrap_failed_message(info.key_id, info.alias, str(exc))
+        ) from exc
+    finally:
+        plaintext[:] = bytes(len(plaintext))
 
 
 class CMKStore(Protocol):

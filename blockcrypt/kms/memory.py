@@ -38,6 +38,7 @@ from blockcrypt.kms._base import (
     draw_dek,
     key_not_found_message,
     unwrap_failed_message,
+    unwrapped_key,
     version_not_found_message,
 )
 
@@ -146,14 +147,7 @@ class MemoryCMKStore:
                         info.key_id, info.alias, "the authentication tag does not match"
                     )
                 ) from exc
-        try:
-            return XTSKey(plaintext)
-        except ValueError as exc:
-            raise UnwrapFailed(
-                unwrap_failed_message(info.key_id, info.alias, str(exc))
-            ) from exc
-        finally:
-            plaintext[:] = bytes(len(plaintext))
+        return unwrapped_key(plaintext, info)
 
     # -- KeyMaterialStore ----------------------------------------------------
 

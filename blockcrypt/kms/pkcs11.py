@@ -79,6 +79,7 @@ from blockcrypt.kms._base import (
     draw_dek,
     key_not_found_message,
     unwrap_failed_message,
+    unwrapped_key,
     version_not_found_message,
 )
 
@@ -446,14 +447,7 @@ class PKCS11CMKStore:
                 ) from exc
             except p11.PKCS11Error as exc:
                 raise self._translate(exc, f"unwrap a DEK with {info.key_id}") from exc
-        try:
-            return XTSKey(plaintext)
-        except ValueError as exc:
-            raise UnwrapFailed(
-                unwrap_failed_message(info.key_id, info.alias, str(exc))
-            ) from exc
-        finally:
-            plaintext[:] = bytes(len(plaintext))
+        return unwrapped_key(plaintext, info)
 
     # -- KeyMaterialStore ----------------------------------------------------
 
