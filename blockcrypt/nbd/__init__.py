@@ -21,7 +21,6 @@ from blockcrypt.nbd._events import (
     Export,
     ExportChosen,
     OptionRefused,
-    Reply,
     Request,
     RequestRejected,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "OptionReply",
     "Phase",
     "RemoteProtocolError",
-    "Reply",
     "Request",
     "RequestRejected",
     "TransmissionFlag",

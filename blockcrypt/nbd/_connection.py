@@ -5,7 +5,9 @@ Rules of this module:
 * It never touches a socket, a clock, a thread or a logger. Bytes come in
   through ``receive_data``; ``next_event`` turns them into events; the bytes to
   write come out of ``data_to_send`` (handshake and error replies the machine
-  produced itself) and ``send`` (replies to requests the caller handled).
+  produced itself) and the reply encoders (``reply_header``,
+  ``read_reply_header``, ``error_reply``, ``block_status_reply``), which pick
+  simple or structured replies as negotiated.
 * The handshake is fixed newstyle (``proto.md``, "Fixed newstyle
   negotiation"). Options are answered here from the export table; the caller
   only learns which export was chosen.
@@ -53,7 +55,6 @@ from blockcrypt.nbd._events import (
     Export,
     ExportChosen,
     OptionRefused,
-    Reply,
     Request,
     RequestRejected,
     _NeedData,
@@ -195,15 +196,6 @@ class NBDServerConnection:
         out = bytes(self._out)
         self._out.clear()
         return out
-
-    def send(self, reply: Reply) -> bytes:
-        """Encode a reply to a request this connection handed out."""
-        if self._phase not in (Phase.TRANSMISSION, Phase.CLOSED):
-            raise LocalProtocolError(f"cannot send a reply in phase {self._phase}")
-        header = _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, reply.error, reply.cookie)
-        if reply.error or not reply.data:
-            return header
-        return header + bytes(reply.data)
 
     @property
     def structured(self) -> bool:

@@ -80,15 +80,6 @@ class ConnectionClosed:
     """The client hung up (end of stream)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A simple reply; ``data`` only for a successful READ."""
-
-    cookie: int
-    error: Errno = Errno.OK
-    data: bytes | bytearray | memoryview = b""
-
-
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"

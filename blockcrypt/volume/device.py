@@ -26,7 +26,6 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from blockcrypt.crypto import XTSKey, make_cipher
@@ -42,7 +41,7 @@ from blockcrypt.volume import luks2
 from blockcrypt.volume._fileops import punch_hole, try_ofd_lock
 from blockcrypt.volume._rangelock import RangeLock
 
-__all__ = ["FORMAT_VERSION", "Volume", "VolumeInfo", "unwrap_key"]
+__all__ = ["FORMAT_VERSION", "Volume", "unwrap_key"]
 
 log = logging.getLogger("blockcrypt.server")
 
@@ -53,16 +52,6 @@ _T = TypeVar("_T")
 _ZERO_EXTENT = 3  # base:allocation HOLE | ZERO
 #: Bytes of zeros written per step when zeroing must really write.
 _ZERO_CHUNK = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class VolumeInfo:
-    path: str
-    uuid: str
-    size: int
-    sector_size: int
-    key_id: str
-    read_only: bool
 
 
 class StorageIOError(StorageError):
@@ -127,17 +116,6 @@ class Volume:
             os.close(fd)
             os.close(lock_fd)
             raise
-
-    def info(self) -> VolumeInfo:
-        token = self.header.token
-        return VolumeInfo(
-            path=self.path,
-            uuid=self.header.uuid,
-            size=self.size,
-            sector_size=self.sector_size,
-            key_id=token.key_id if token else "",
-            read_only=self.read_only,
-        )
 
     def close(self) -> None:
         """Flush, wipe the key and release the locks."""
