@@ -108,13 +108,13 @@ class MemoryCMKStore:
     ) -> DataKey:
         check_context(context)
         with self._lock:
-            info, versions = self._find(key)
-            number, cmk = self._version(info, versions, version)
-            dek = draw_dek(self._random, "the memory store")
-            iv = self._random(GCM_IV_SIZE)
-            ciphertext = cmk.encrypt(iv, bytes(dek), bytes(context))
-        wrapped = WrappedKey(info.key_id, number, WRAP_MECHANISM, iv, ciphertext)
-        return DataKey(dek, wrapped)
+            self._find(key)  # an unknown key fails before any randomness is drawn
+        dek = draw_dek(self._random, "the memory store")
+        try:
+            return DataKey(dek, self.encrypt_datakey(key, dek, context, version))
+        except BaseException:
+            dek.wipe()
+            raise
 
     def encrypt_datakey(
         self, key: str, plaintext: XTSKey, context: bytes, version: int | None = None

@@ -376,24 +376,19 @@ class PKCS11CMKStore:
         check_context(context)
         with _LOCK:
             session = self._session()
+
+            def random_bytes(n: int) -> bytes:
+                return bytes(session.generate_random(n * 8))
+
             try:
-                info, first = self._resolve(session, key)
-                number, cmk = self._version_object(session, info, first, version)
-                self._check_capability(info, cmk, "encrypt")
-
-                def random_bytes(n: int) -> bytes:
-                    return bytes(session.generate_random(n * 8))
-
                 dek = draw_dek(random_bytes, f"token {self._config.token_label!r}")
-                iv = random_bytes(GCM_IV_SIZE)
-                params = GCMParams(iv, bytes(context), _TAG_BITS)
-                ciphertext = cmk.encrypt(
-                    bytes(dek), mechanism=Mechanism.AES_GCM, mechanism_param=params
-                )
             except p11.PKCS11Error as exc:
-                raise self._translate(exc, f"wrap a DEK with key {key!r}") from exc
-        wrapped = WrappedKey(info.key_id, number, WRAP_MECHANISM, iv, bytes(ciphertext))
-        return DataKey(dek, wrapped)
+                raise self._translate(exc, f"draw a DEK for key {key!r}") from exc
+        try:
+            return DataKey(dek, self.encrypt_datakey(key, dek, context, version))
+        except BaseException:
+            dek.wipe()
+            raise
 
     def encrypt_datakey(
         self, key: str, plaintext: XTSKey, context: bytes, version: int | None = None
